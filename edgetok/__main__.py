@@ -1,0 +1,3 @@
+from edgetok.cli import run
+
+run()

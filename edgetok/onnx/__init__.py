@@ -1,0 +1,1 @@
+"""ONNX export, TensorRT-compatibility lint and ONNX Runtime validation."""

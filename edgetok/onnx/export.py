@@ -1,0 +1,60 @@
+"""torch.nn.Module -> ONNX with a dynamic batch, checked for silently fixed shapes."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from edgetok.errors import EdgetokError
+
+MIN_OPSET = 17
+
+
+def export_module(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_names: list[str],
+    opset: int = MIN_OPSET,
+) -> onnx.ModelProto:
+    """Export with the TorchScript-based exporter, which keeps every per-layer token count static
+    (TopK/Gather sizes) and only the batch dynamic. Large models get external data automatically."""
+    if opset < MIN_OPSET:
+        raise EdgetokError(f"--opset {opset} is too old: edgetok exports opset {MIN_OPSET} or newer")
+    axes = {name: {0: "batch"} for name in [input_name, *output_names]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_axes=axes,
+        )
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        batch = value.type.tensor_type.shape.dim[0]
+        if batch.dim_param != "batch":
+            raise EdgetokError(f"export fixed the batch of {value.name!r} to {batch.dim_value}; report this model")
+    return model
+
+
+def io_signature(model: onnx.ModelProto) -> dict:
+    """Names, shapes (``batch`` for the dynamic axis) and dtypes of the graph inputs and outputs."""
+
+    def describe(value):
+        t = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+
+    return {
+        "inputs": [describe(v) for v in model.graph.input],
+        "outputs": [describe(v) for v in model.graph.output],
+    }

@@ -1,0 +1,46 @@
+"""Recipes: YAML files naming one artifact's options, by section (``export:``, later ``build:``)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from edgetok.errors import EdgetokError
+
+DEFAULT = "default"
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("edgetok.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load(recipe: str) -> dict:
+    """A recipe by path, or by built-in name (``deit_small_tome_r13``)."""
+    path = Path(recipe)
+    if path.is_file():
+        text = path.read_text()
+    elif recipe in builtin_names():
+        text = (resources.files("edgetok.recipes") / f"{recipe}.yaml").read_text()
+    else:
+        raise EdgetokError(
+            f"recipe {recipe!r} is neither a file nor a built-in recipe; built-ins: {', '.join(builtin_names())}"
+        )
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EdgetokError(f"recipe {recipe} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise EdgetokError(f"recipe {recipe} must be a mapping with an 'export:' section")
+    return data
+
+
+def section(data: dict, name: str, allowed: set[str], recipe: str) -> dict:
+    values = data.get(name)
+    if not isinstance(values, dict):
+        raise EdgetokError(f"recipe {recipe} has no '{name}:' section")
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise EdgetokError(f"recipe {recipe}: unknown key '{name}.{unknown[0]}'; allowed: {', '.join(sorted(allowed))}")
+    return values

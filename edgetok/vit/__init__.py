@@ -1,0 +1,1 @@
+"""Vision Transformers: loading, training-free token reduction, FLOPs."""

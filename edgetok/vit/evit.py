@@ -1,0 +1,62 @@
+"""EViT: attentive token keep and fuse (Liang et al., ICLR 2022), as a token transform.
+
+At the chosen blocks, the non-prefix tokens with the highest class-token attention (averaged over
+heads) are kept; the others are fused into one new token, their average weighted by that attention
+(normalised, so the fused token stays on the scale of the others).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.vit.token_transform import TokenTransform
+
+
+def default_keep_layers(depth: int) -> list[int]:
+    """After blocks 4, 7 and 10 of 12 (0-based 3, 6, 9), scaled to the model's depth."""
+    return sorted({depth // 4, depth // 2, (3 * depth) // 4})
+
+
+class EViT:
+    name = "evit"
+    proportional_attention = False
+
+    def __init__(self, keep_rate: float, keep_layers: list[int], depth: int):
+        if not 0.0 < keep_rate <= 1.0:
+            raise EdgetokError(f"--keep-rate {keep_rate} is out of range: give a value in (0, 1], e.g. 0.7")
+        bad = [i for i in keep_layers if not 0 <= i < depth]
+        if bad:
+            raise EdgetokError(f"--keep-layers {bad} outside the model's blocks 0..{depth - 1}")
+        self.keep_rate = keep_rate
+        self.keep_layers = sorted(set(keep_layers))
+        self.kept: dict[int, int] = {}
+
+    def params(self) -> dict:
+        return {"keep_rate": self.keep_rate, "keep_layers": self.keep_layers}
+
+    def plan_layer(self, layer: int, tokens: int, prefix: int) -> int:
+        candidates = tokens - prefix
+        kept = math.ceil(self.keep_rate * candidates)
+        if layer not in self.keep_layers or kept >= candidates:
+            return tokens
+        self.kept[layer] = kept
+        return prefix + kept + 1
+
+    def transform(self, layer: int, q, k, scale, prefix: int):
+        kept = self.kept.get(layer)
+        if kept is None:
+            return None
+        cls_attn = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
+        cls_attn = cls_attn.mean(dim=1)[:, 0]  # [B, N]
+        candidates = cls_attn.shape[1] - prefix
+        order = cls_attn[:, prefix:].topk(candidates, dim=-1).indices + prefix
+        batch = q.shape[0]
+        prefix_idx = torch.arange(prefix, device=q.device).expand(batch, prefix)
+        keep = torch.cat([prefix_idx, order[:, :kept]], dim=1)
+        src = order[:, kept:]
+        dst = src.new_full(src.shape, prefix + kept)
+        return TokenTransform(keep=keep, src=src, dst=dst, num_new=1), cls_attn.unsqueeze(-1)
+

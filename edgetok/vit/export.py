@@ -1,0 +1,144 @@
+"""`edgetok export vit`: load, reduce, export, lint, validate, then publish ONNX and sidecar together."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from edgetok import atomic, sidecar
+from edgetok.errors import EdgetokError
+from edgetok.onnx.export import export_module, io_signature
+from edgetok.onnx.lint import lint
+from edgetok.onnx.validate import compare_with_torch
+from edgetok.vit.flops import vit_macs
+from edgetok.vit.loading import load_vit
+from edgetok.vit.reduction import make_method, plan, reduce_vit
+
+INPUT_NAME = "pixel_values"
+
+
+@dataclass
+class ViTExportOptions:
+    model: str = "deit_small_patch16_224"
+    checkpoint: str | None = None
+    method: str = "none"
+    r: int | None = None
+    r_schedule: str | None = None
+    keep_rate: float | None = None
+    keep_layers: list[int] | None = None
+    img_size: int | None = None
+    batch: int = 1
+    opset: int = 17
+    output: str | None = None
+    allow_unsupported_ops: bool = False
+    tolerance: float = 1e-3
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def default_output(opts: ViTExportOptions) -> Path:
+    stem = Path(opts.model).name if Path(opts.model).is_dir() else opts.model
+    tag = {"none": "dense", "tome": f"tome_r{opts.r if opts.r is not None else 'sched'}",
+           "evit": f"evit_k{opts.keep_rate}"}.get(opts.method, opts.method)
+    return Path("edgetok-out") / f"{stem}_{tag}.onnx"
+
+
+def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: None) -> dict:
+    """Run the whole export; returns the sidecar. Nothing is written unless every check passes."""
+    if opts.batch < 1:
+        raise EdgetokError(f"--batch {opts.batch} must be >= 1")
+    out = Path(opts.output) if opts.output else default_output(opts)
+    if out.suffix != ".onnx":
+        raise EdgetokError(f"-o {out} must end in .onnx")
+
+    say(f"loading {opts.model}")
+    vit = load_vit(opts.model, opts.checkpoint, opts.img_size)
+    if vit.weights == "random":
+        say("no weights given: the model is randomly initialised (weights: random)")
+    method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers)
+    dense = plan(vit, None)
+    reduced = reduce_vit(vit, method)
+
+    shape = (vit.in_chans, vit.img_size, vit.img_size)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(opts.batch, *shape, generator=gen)
+    check_inputs = torch.randn(opts.batch + 1, *shape, generator=gen)  # a batch the export never saw
+
+    with atomic.staging_dir(out) as stage:
+        staged = stage / out.name
+        say(f"exporting ONNX (opset {opts.opset}, dynamic batch)")
+        model = export_module(vit.module, example, staged, INPUT_NAME, vit.output_names, opts.opset)
+        findings = lint(model)
+        if findings and not opts.allow_unsupported_ops:
+            raise EdgetokError(
+                f"the graph has {len(findings)} node(s) TensorRT rejects: {findings[0]}"
+                + (f" and {len(findings) - 1} more" if len(findings) > 1 else "")
+                + "; pass --allow-unsupported-ops to write it anyway"
+            )
+        say(f"validating in ONNX Runtime (CPU) at batch {len(check_inputs)}")
+        comparison = compare_with_torch(
+            str(staged), vit.module, check_inputs, opts.tolerance, classifier=vit.output_names == ["logits"]
+        )
+        if not comparison.passed:
+            raise EdgetokError(
+                f"ONNX Runtime differs from PyTorch by {comparison.max_abs_diff:.3g} (> {opts.tolerance}); "
+                "the export is wrong, please report it with the model name and options"
+            )
+        dense_macs, reduced_macs = vit_macs(vit, dense.tokens), vit_macs(vit, reduced.tokens)
+        data = sidecar.stamp({
+            "kind": "vit",
+            "onnx": {
+                "file": out.name,
+                "opset": opts.opset,
+                "export_batch": opts.batch,
+                "dynamic_batch": True,
+                "external_data": any(p.suffix != ".onnx" for p in stage.iterdir()),
+                **io_signature(model),
+            },
+            "model": {
+                "name": vit.name, "family": vit.family, "weights": vit.weights,
+                "checkpoint": opts.checkpoint, "img_size": vit.img_size, "patch_size": vit.patch_size,
+                "in_chans": vit.in_chans, "prefix_tokens": vit.prefix_tokens, "embed_dim": vit.embed_dim,
+                "depth": vit.depth, "num_heads": vit.num_heads, "num_classes": vit.num_classes,
+            },
+            "input_shape": ["batch", *shape],
+            "preprocessing": vit.preprocessing,
+            "reduction": {
+                "method": reduced.method,
+                **reduced.params,
+                "tokens_per_layer": [list(t) for t in reduced.tokens],
+            },
+            "flops": {
+                "dense_gmacs": round(dense_macs / 1e9, 4),
+                "reduced_gmacs": round(reduced_macs / 1e9, 4),
+                "speedup_bound": round(dense_macs / reduced_macs, 4),
+            },
+            "lint": {"unsupported_ops": [str(f) for f in findings]},
+            "validation": comparison.as_dict(),
+            "versions": sidecar.versions("torch", "timm", "transformers", "onnx", "onnxruntime"),
+        })
+        sidecar.write(stage / sidecar.sidecar_path(out).name, data)
+        atomic.publish(stage, out.parent)
+    data["path"] = str(out)
+    return data
+
+
+def summary(data: dict) -> str:
+    red, fl, val = data["reduction"], data["flops"], data["validation"]
+    tokens = [t[1] for t in red["tokens_per_layer"]]
+    return "\n".join([
+        f"wrote {data['path']} (+ {sidecar.sidecar_path(data['path']).name})",
+        f"  model      {data['model']['name']} ({data['model']['family']}, weights: {data['model']['weights']})",
+        f"  method     {red['method']}  tokens {red['tokens_per_layer'][0][0]} -> {tokens[-1]} "
+        f"(per block: {','.join(map(str, tokens))})",
+        f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "
+        f"{fl['speedup_bound']:.2f}x)",
+        f"  validated  ONNX Runtime vs PyTorch at batch {val['batch']}: max |diff| {val['max_abs_diff']:.2e}, "
+        f"cosine {val['cosine']:.6f}" + (f", top-1 agreement {val['top1_agreement']:.0%}" if val["top1_agreement"] is not None else ""),
+    ])

@@ -1,0 +1,124 @@
+"""Patch a loaded ViT's own blocks so that a reduction method runs between attention and MLP.
+
+As in ToMe, each block's class is swapped for a subclass whose forward is the original one with
+one line added (the reduction) and the proportional-attention bias passed through the block's own
+``attn_mask`` argument. The block's own modules (LayerScale, q/k-norm, fused or plain attention,
+drop-path) are untouched, so with nothing to reduce the output is exactly the original model's.
+Queries and keys are read by forward hooks on the modules that produce them.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Attention, Block
+from transformers.models.vit.modeling_vit import ViTLayer
+
+from edgetok.errors import EdgetokError
+from edgetok.vit.loading import LoadedViT
+from edgetok.vit.token_transform import apply_transform
+
+
+class ReductionState:
+    """Per-forward state shared by the patched blocks: token sizes, reset for each batch."""
+
+    def __init__(self, method, prefix: int):
+        self.method = method
+        self.prefix = prefix
+        self.size: torch.Tensor | None = None
+
+
+class _ReducingMixin:
+    _edgetok_state: ReductionState
+    _edgetok_layer: int
+    _edgetok_taps: dict
+
+    def _edgetok_bias(self, mask):
+        state = self._edgetok_state
+        if state.size is None or not state.method.proportional_attention:
+            return mask
+        bias = state.size.log()[:, None, None, :, 0]  # [B, 1, 1, N]: + log(size) of each key
+        return bias if mask is None else mask + bias
+
+    def _edgetok_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._edgetok_state
+        taps = self._edgetok_taps
+        step = state.method.transform(self._edgetok_layer, taps["q"], taps["k"], taps["scale"], state.prefix)
+        taps.pop("q"), taps.pop("k")
+        if step is None:
+            return x
+        transform, weight = step
+        size = state.size if state.size is not None else torch.ones_like(x[..., :1])
+        if weight is None:
+            weight = size
+        else:
+            weight = weight.clamp_min(torch.finfo(x.dtype).tiny)
+        x, state.size = apply_transform(transform, x, size, weight)
+        return x
+
+
+class ReducingBlock(Block, _ReducingMixin):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        attn_mask = self._edgetok_bias(attn_mask)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        x = self._edgetok_reduce(x)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class ReducingViTLayer(ViTLayer, _ReducingMixin):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attention_mask = self._edgetok_bias(attention_mask)
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = hidden_states + residual
+        hidden_states = self._edgetok_reduce(hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.layernorm_after(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        return hidden_states + residual
+
+
+def _tap(taps: dict, key: str, heads: int | None = None):
+    def hook(module, args, output):
+        if heads is not None:  # [B, N, H*D] projection -> [B, H, N, D]
+            b, n, _ = output.shape
+            output = output.view(b, n, heads, -1).transpose(1, 2)
+        taps[key] = output
+
+    return hook
+
+
+def patch_blocks(vit: LoadedViT, method) -> ReductionState:
+    """Swap every block of ``vit`` for its reducing subclass, driven by ``method``."""
+    state = ReductionState(method, vit.prefix_tokens)
+    for layer, block in enumerate(vit.blocks):
+        taps: dict = {}
+        if type(block) is Block and type(block.attn) is Attention:
+            block.__class__ = ReducingBlock
+            taps["scale"] = block.attn.scale
+            block.attn.q_norm.register_forward_hook(_tap(taps, "q"))
+            block.attn.k_norm.register_forward_hook(_tap(taps, "k"))
+        elif type(block) is ViTLayer:
+            block.__class__ = ReducingViTLayer
+            attn = block.attention
+            taps["scale"] = attn.scaling
+            attn.q_proj.register_forward_hook(_tap(taps, "q", attn.num_attention_heads))
+            attn.k_proj.register_forward_hook(_tap(taps, "k", attn.num_attention_heads))
+        else:
+            raise EdgetokError(
+                f"{vit.name} uses {type(block).__name__} blocks, which edgetok cannot reduce yet; "
+                "use --method none or a model built from timm Block / HF ViTLayer"
+            )
+        block._edgetok_state = state
+        block._edgetok_layer = layer
+        block._edgetok_taps = taps
+
+    def reset(module, args):
+        state.size = None
+
+    vit.root.register_forward_pre_hook(reset)
+    return state

@@ -1,0 +1,74 @@
+"""Choose a reduction method, plan its per-layer token counts, and patch a model with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgetok.errors import EdgetokError
+from edgetok.vit.evit import EViT, default_keep_layers
+from edgetok.vit.loading import LoadedViT
+from edgetok.vit.patch import patch_blocks
+from edgetok.vit.tome import ToMe, parse_r_schedule
+
+METHODS = ("none", "tome", "evit")
+
+
+@dataclass
+class ReductionPlan:
+    method: str
+    params: dict
+    tokens: list[tuple[int, int]]  # per block: (tokens in, tokens after its reduction)
+
+    @property
+    def reduces(self) -> bool:
+        return any(n_in != n_out for n_in, n_out in self.tokens)
+
+
+def make_method(
+    name: str,
+    depth: int,
+    r: int | None = None,
+    r_schedule: str | list | None = None,
+    keep_rate: float | None = None,
+    keep_layers: list[int] | None = None,
+):
+    """The method object for ``name`` (None for ``none``), from CLI/recipe parameters."""
+    if name not in METHODS:
+        raise EdgetokError(f"--method {name!r} is unknown; choose one of {', '.join(METHODS)}")
+    if name == "tome":
+        if r is not None and r_schedule is not None:
+            raise EdgetokError("give --r or --r-schedule, not both")
+        if r is None and r_schedule is None:
+            raise EdgetokError("--method tome needs --r N (tokens merged per block) or --r-schedule")
+        if r is not None and r < 0:
+            raise EdgetokError(f"--r {r} must be >= 0")
+        explicit_list = isinstance(r_schedule, list) or (
+            isinstance(r_schedule, str) and "," in r_schedule and "(" not in r_schedule
+        )
+        return ToMe(parse_r_schedule(r if r is not None else r_schedule, depth), clamp=not explicit_list)
+    if name == "evit":
+        if keep_rate is None:
+            raise EdgetokError("--method evit needs --keep-rate F in (0, 1], e.g. 0.7")
+        return EViT(keep_rate, default_keep_layers(depth) if keep_layers is None else keep_layers, depth)
+    if r or r_schedule or keep_rate is not None:
+        raise EdgetokError("--r/--r-schedule/--keep-rate need --method tome or evit")
+    return None
+
+
+def plan(vit: LoadedViT, method) -> ReductionPlan:
+    """Per-block token counts (static for a given image size); checks the method fits the model."""
+    tokens, n = [], vit.num_tokens
+    for layer in range(vit.depth):
+        after = n if method is None else method.plan_layer(layer, n, vit.prefix_tokens)
+        tokens.append((n, after))
+        n = after
+    name = "none" if method is None else method.name
+    return ReductionPlan(name, {} if method is None else method.params(), tokens)
+
+
+def reduce_vit(vit: LoadedViT, method) -> ReductionPlan:
+    """Plan, then patch ``vit`` in place (nothing to patch for ``none``)."""
+    result = plan(vit, method)
+    if method is not None:
+        patch_blocks(vit, method)
+    return result

@@ -1,0 +1,90 @@
+"""ToMe: bipartite soft matching (Bolya et al., 2023), as a token transform.
+
+Prefix tokens (class, distillation, registers) are never merged and never receive a merge; the
+patch tokens alternate between set A (even) and set B (odd); each A token finds its most similar
+B token by cosine similarity of the head-averaged keys; the ``r`` A tokens with the best matches
+are averaged (by size) into their match. Proportional attention adds ``log(size)`` to the logits.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.vit.token_transform import TokenTransform
+
+
+def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> list[int]:
+    """Per-layer r from ToMe's conventions: ``r`` (constant), ``(r, inflect)`` (linear, e.g.
+    ``(8, -1)`` decreases from 2r to 0), or a list (missing layers get 0)."""
+    value = spec
+    if isinstance(spec, str):
+        try:
+            value = ast.literal_eval(spec.strip())
+        except (ValueError, SyntaxError):
+            raise EdgetokError(
+                f"r schedule {spec!r} is not understood: give N, '(N, inflect)' such as '(8, -1)', "
+                "or a per-layer list such as '16,16,8,8'"
+            ) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * depth
+    elif isinstance(value, tuple) and len(value) == 2:
+        r, inflect = value
+        low = int(r * (1.0 - inflect))
+        high = 2 * r - low
+        step = (high - low) / max(depth - 1, 1)
+        value = [int(low + step * i) for i in range(depth)]
+    elif isinstance(value, (list, tuple)):
+        value = list(value)
+        if len(value) > depth:
+            raise EdgetokError(f"r schedule has {len(value)} entries but the model has {depth} blocks")
+        value = value + [0] * (depth - len(value))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise EdgetokError(f"r schedule {spec!r} must hold non-negative integers")
+    return value
+
+
+class ToMe:
+    name = "tome"
+    proportional_attention = True
+
+    def __init__(self, r: list[int], clamp: bool):
+        self.r = r
+        self.clamp = clamp  # constant/linear schedules clamp late layers as the reference does
+
+    def params(self) -> dict:
+        return {"r_per_layer": self.r, "proportional_attention": True}
+
+    def plan_layer(self, layer: int, tokens: int, prefix: int) -> int:
+        """Tokens left after this layer's merge; checks r against what the layer can merge."""
+        most = (tokens - prefix) // 2
+        r = self.r[layer]
+        if r > most:
+            if not self.clamp or layer == 0:
+                raise EdgetokError(
+                    f"r={r} is too large for block {layer}: it has {tokens - prefix} mergeable tokens, "
+                    f"so r can be at most {most}; lower --r"
+                )
+            self.r[layer] = r = most
+        return tokens - r
+
+    def transform(self, layer: int, q, k, scale, prefix: int):
+        r = self.r[layer]
+        if r == 0:
+            return None
+        metric = k.mean(dim=1)  # [B, N, D]: keys averaged over heads
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, prefix::2], metric[:, prefix + 1 :: 2]
+        n_a, n_b = a.shape[1], b.shape[1]
+        best, match = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
+        order = best.topk(n_a, dim=-1).indices  # A tokens by how well they match
+        src_a = order[:, :r]
+        unmerged_a = order[:, r:].topk(n_a - r, dim=-1, largest=False).values  # original order
+        batch = k.shape[0]
+        prefix_idx = torch.arange(prefix, device=k.device).expand(batch, prefix)
+        b_idx = (torch.arange(n_b, device=k.device) * 2 + prefix + 1).expand(batch, n_b)
+        keep = torch.cat([prefix_idx, unmerged_a * 2 + prefix, b_idx], dim=1)
+        dst = torch.gather(match, 1, src_a) + (prefix + n_a - r)
+        return TokenTransform(keep=keep, src=src_a * 2 + prefix, dst=dst), None

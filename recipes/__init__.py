@@ -1,0 +1,1 @@
+"""Built-in recipes, installed as ``edgetok.recipes`` so ``--recipe NAME`` works anywhere."""
