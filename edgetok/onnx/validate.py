@@ -27,6 +27,7 @@ def ort_session(path: str, threads: int = 0):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: shape-inference warnings are noise to users
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 

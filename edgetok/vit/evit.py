@@ -32,22 +32,21 @@ class EViT:
             raise EdgetokError(f"--keep-layers {bad} outside the model's blocks 0..{depth - 1}")
         self.keep_rate = keep_rate
         self.keep_layers = sorted(set(keep_layers))
-        self.kept: dict[int, int] = {}
 
-    def params(self) -> dict:
+    def params(self, amounts: list[int]) -> dict:
         return {"keep_rate": self.keep_rate, "keep_layers": self.keep_layers}
 
-    def plan_layer(self, layer: int, tokens: int, prefix: int) -> int:
+    def plan_layer(self, layer: int, tokens: int, prefix: int) -> tuple[int, int]:
+        """(non-prefix tokens kept in this block, 0 if it keeps all; tokens left)."""
         candidates = tokens - prefix
         kept = math.ceil(self.keep_rate * candidates)
         if layer not in self.keep_layers or kept >= candidates:
-            return tokens
-        self.kept[layer] = kept
-        return prefix + kept + 1
+            return 0, tokens
+        return kept, prefix + kept + 1
 
-    def transform(self, layer: int, q, k, scale, prefix: int):
-        kept = self.kept.get(layer)
-        if kept is None:
+    def transform(self, kept: int, q, k, scale, prefix: int):
+        """Keep-and-fuse for one block, from the class token's query and the keys [B, H, N, D]."""
+        if kept == 0:
             return None
         cls_attn = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
         cls_attn = cls_attn.mean(dim=1)[:, 0]  # [B, N]

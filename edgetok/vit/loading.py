@@ -38,7 +38,6 @@ class LoadedViT:
     blocks: list[nn.Module]
     output_names: list[str]
     preprocessing: dict = field(default_factory=dict)
-    root: nn.Module | None = None  # the module whose forward starts one image batch
 
     @property
     def depth(self) -> int:
@@ -122,7 +121,6 @@ def from_timm(model: nn.Module, name: str, weights: str = "random") -> LoadedViT
         blocks=list(model.blocks),
         output_names=["logits" if model.num_classes else "features"],
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
-        root=model,
     )
 
 
@@ -235,5 +233,4 @@ def from_hf(
         blocks=list(vit.layers),
         output_names=outputs,
         preprocessing=preprocessing,
-        root=vit,
     )

@@ -4,7 +4,8 @@ As in ToMe, each block's class is swapped for a subclass whose forward is the or
 one line added (the reduction) and the proportional-attention bias passed through the block's own
 ``attn_mask`` argument. The block's own modules (LayerScale, q/k-norm, fused or plain attention,
 drop-path) are untouched, so with nothing to reduce the output is exactly the original model's.
-Queries and keys are read by forward hooks on the modules that produce them.
+Queries and keys are read by forward hooks on the modules that produce them. Token sizes live in a
+state object shared by the blocks; the first block starts each forward afresh.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from edgetok.vit.token_transform import apply_transform
 
 
 class ReductionState:
-    """Per-forward state shared by the patched blocks: token sizes, reset for each batch."""
+    """State shared by the patched blocks: the method, its per-block amounts, and token sizes."""
 
-    def __init__(self, method, prefix: int):
+    def __init__(self, method, amounts: list[int], prefix: int):
         self.method = method
+        self.amounts = amounts
         self.prefix = prefix
         self.size: torch.Tensor | None = None
 
@@ -32,8 +34,11 @@ class _ReducingMixin:
     _edgetok_layer: int
     _edgetok_taps: dict
 
-    def _edgetok_bias(self, mask):
+    def _edgetok_start(self, mask):
+        """Resets sizes in the first block; returns the attention mask plus log(size) if proportional."""
         state = self._edgetok_state
+        if self._edgetok_layer == 0:
+            state.size = None
         if state.size is None or not state.method.proportional_attention:
             return mask
         bias = state.size.log()[:, None, None, :, 0]  # [B, 1, 1, N]: + log(size) of each key
@@ -42,7 +47,8 @@ class _ReducingMixin:
     def _edgetok_reduce(self, x: torch.Tensor) -> torch.Tensor:
         state = self._edgetok_state
         taps = self._edgetok_taps
-        step = state.method.transform(self._edgetok_layer, taps["q"], taps["k"], taps["scale"], state.prefix)
+        amount = state.amounts[self._edgetok_layer]
+        step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix)
         taps.pop("q"), taps.pop("k")
         if step is None:
             return x
@@ -58,7 +64,7 @@ class _ReducingMixin:
 
 class ReducingBlock(Block, _ReducingMixin):
     def forward(self, x, attn_mask=None, is_causal=False):
-        attn_mask = self._edgetok_bias(attn_mask)
+        attn_mask = self._edgetok_start(attn_mask)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         x = self._edgetok_reduce(x)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -67,7 +73,7 @@ class ReducingBlock(Block, _ReducingMixin):
 
 class ReducingViTLayer(ViTLayer, _ReducingMixin):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        attention_mask = self._edgetok_bias(attention_mask)
+        attention_mask = self._edgetok_start(attention_mask)
         residual = hidden_states
         hidden_states = self.layernorm_before(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
@@ -92,9 +98,9 @@ def _tap(taps: dict, key: str, heads: int | None = None):
     return hook
 
 
-def patch_blocks(vit: LoadedViT, method) -> ReductionState:
-    """Swap every block of ``vit`` for its reducing subclass, driven by ``method``."""
-    state = ReductionState(method, vit.prefix_tokens)
+def patch_blocks(vit: LoadedViT, method, amounts: list[int]) -> ReductionState:
+    """Swap every block of ``vit`` for its reducing subclass, driven by ``method``'s plan."""
+    state = ReductionState(method, amounts, vit.prefix_tokens)
     for layer, block in enumerate(vit.blocks):
         taps: dict = {}
         if type(block) is Block and type(block.attn) is Attention:
@@ -116,9 +122,4 @@ def patch_blocks(vit: LoadedViT, method) -> ReductionState:
         block._edgetok_state = state
         block._edgetok_layer = layer
         block._edgetok_taps = taps
-
-    def reset(module, args):
-        state.size = None
-
-    vit.root.register_forward_pre_hook(reset)
     return state

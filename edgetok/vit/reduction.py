@@ -18,6 +18,7 @@ class ReductionPlan:
     method: str
     params: dict
     tokens: list[tuple[int, int]]  # per block: (tokens in, tokens after its reduction)
+    amounts: list[int]  # per block: what the method does there (ToMe: r; EViT: tokens kept; 0: nothing)
 
     @property
     def reduces(self) -> bool:
@@ -42,10 +43,7 @@ def make_method(
             raise EdgetokError("--method tome needs --r N (tokens merged per block) or --r-schedule")
         if r is not None and r < 0:
             raise EdgetokError(f"--r {r} must be >= 0")
-        explicit_list = isinstance(r_schedule, list) or (
-            isinstance(r_schedule, str) and "," in r_schedule and "(" not in r_schedule
-        )
-        return ToMe(parse_r_schedule(r if r is not None else r_schedule, depth), clamp=not explicit_list)
+        return ToMe(*parse_r_schedule(r if r is not None else r_schedule, depth))
     if name == "evit":
         if keep_rate is None:
             raise EdgetokError("--method evit needs --keep-rate F in (0, 1], e.g. 0.7")
@@ -57,18 +55,20 @@ def make_method(
 
 def plan(vit: LoadedViT, method) -> ReductionPlan:
     """Per-block token counts (static for a given image size); checks the method fits the model."""
-    tokens, n = [], vit.num_tokens
+    tokens, amounts, n = [], [], vit.num_tokens
     for layer in range(vit.depth):
-        after = n if method is None else method.plan_layer(layer, n, vit.prefix_tokens)
+        amount, after = (0, n) if method is None else method.plan_layer(layer, n, vit.prefix_tokens)
         tokens.append((n, after))
+        amounts.append(amount)
         n = after
-    name = "none" if method is None else method.name
-    return ReductionPlan(name, {} if method is None else method.params(), tokens)
+    if method is None:
+        return ReductionPlan("none", {}, tokens, amounts)
+    return ReductionPlan(method.name, method.params(amounts), tokens, amounts)
 
 
 def reduce_vit(vit: LoadedViT, method) -> ReductionPlan:
     """Plan, then patch ``vit`` in place (nothing to patch for ``none``)."""
     result = plan(vit, method)
     if method is not None:
-        patch_blocks(vit, method)
+        patch_blocks(vit, method, result.amounts)
     return result

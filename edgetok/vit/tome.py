@@ -16,18 +16,24 @@ from edgetok.errors import EdgetokError
 from edgetok.vit.token_transform import TokenTransform
 
 
-def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> list[int]:
+def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> tuple[list[int], bool]:
     """Per-layer r from ToMe's conventions: ``r`` (constant), ``(r, inflect)`` (linear, e.g.
-    ``(8, -1)`` decreases from 2r to 0), or a list (missing layers get 0)."""
+    ``(8, -1)`` decreases from 2r to 0), or a list (missing layers get 0).
+
+    Also says whether late layers may be clamped to what they can merge (as the reference does
+    for a constant or linear r); an explicit list is taken literally."""
     value = spec
     if isinstance(spec, str):
         try:
             value = ast.literal_eval(spec.strip())
+            if isinstance(value, tuple) and not spec.strip().startswith("("):
+                value = list(value)  # '16,8' is a per-layer list; '(16, -1)' is (r, inflect)
         except (ValueError, SyntaxError):
             raise EdgetokError(
                 f"r schedule {spec!r} is not understood: give N, '(N, inflect)' such as '(8, -1)', "
                 "or a per-layer list such as '16,16,8,8'"
             ) from None
+    clamp = not isinstance(value, list)
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value] * depth
     elif isinstance(value, tuple) and len(value) == 2:
@@ -43,7 +49,7 @@ def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> list[int]:
         value = value + [0] * (depth - len(value))
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise EdgetokError(f"r schedule {spec!r} must hold non-negative integers")
-    return value
+    return value, clamp
 
 
 class ToMe:
@@ -52,13 +58,13 @@ class ToMe:
 
     def __init__(self, r: list[int], clamp: bool):
         self.r = r
-        self.clamp = clamp  # constant/linear schedules clamp late layers as the reference does
+        self.clamp = clamp
 
-    def params(self) -> dict:
-        return {"r_per_layer": self.r, "proportional_attention": True}
+    def params(self, amounts: list[int]) -> dict:
+        return {"r_per_layer": amounts, "proportional_attention": True}
 
-    def plan_layer(self, layer: int, tokens: int, prefix: int) -> int:
-        """Tokens left after this layer's merge; checks r against what the layer can merge."""
+    def plan_layer(self, layer: int, tokens: int, prefix: int) -> tuple[int, int]:
+        """(r merged in this block, tokens left); checks r against what the block can merge."""
         most = (tokens - prefix) // 2
         r = self.r[layer]
         if r > most:
@@ -67,11 +73,11 @@ class ToMe:
                     f"r={r} is too large for block {layer}: it has {tokens - prefix} mergeable tokens, "
                     f"so r can be at most {most}; lower --r"
                 )
-            self.r[layer] = r = most
-        return tokens - r
+            r = most
+        return r, tokens - r
 
-    def transform(self, layer: int, q, k, scale, prefix: int):
-        r = self.r[layer]
+    def transform(self, r: int, q, k, scale, prefix: int):
+        """The merge for one block, from its keys ``k`` [B, H, N, D]."""
         if r == 0:
             return None
         metric = k.mean(dim=1)  # [B, N, D]: keys averaged over heads
