@@ -43,14 +43,16 @@ def test_onnx_matches_pytorch_at_two_batch_sizes(tmp_path, case):
         assert result.passed and result.max_abs_diff < 1e-4 and result.top1_agreement == 1.0, result
 
 
-def test_hf_encoder_onnx_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("method", [dict(name="tome", r=8), dict(name="evit", keep_rate=0.5, keep_layers=[0])])
+def test_hf_encoder_onnx_matches_pytorch(tmp_path, method):
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=128)
     vit = from_hf(ViTModel(config), "hf")
-    reduce_vit(vit, make_method("tome", vit.depth, r=8))
+    spec = dict(method)
+    reduce_vit(vit, make_method(spec.pop("name"), vit.depth, **spec))
     path = tmp_path / "hf.onnx"
     export_module(vit.module, torch.randn(1, 3, 32, 32), path, "pixel_values", vit.output_names)
     result = compare_with_torch(str(path), vit.module, torch.randn(3, 3, 32, 32), classifier=False)
@@ -100,3 +102,20 @@ def test_lint_catches_what_torch_exports_for_scatter_reduce(tmp_path):
     path = tmp_path / "s.onnx"
     torch.onnx.export(ScatterMerge(), (torch.randn(2, 3),), str(path), dynamo=False, opset_version=17)
     assert [f.op_type for f in lint(onnx.load(str(path)))] == ["ScatterElements"]
+
+
+def test_per_tensor_external_data_is_consolidated_into_one_file(tmp_path):
+    from edgetok.onnx.export import consolidate_external_data, uses_external_data
+
+    vit = _tiny_timm()
+    path = tmp_path / "big.onnx"
+    export_module(vit.module, torch.randn(1, 3, 96, 96), path, "pixel_values", ["logits"])
+    # What the exporter writes for a model over 2 GB: one external file per tensor.
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(tmp_path.iterdir())) > 10
+    model = consolidate_external_data(path)
+    assert uses_external_data(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    result = compare_with_torch(str(path), vit.module, torch.randn(2, 3, 96, 96))
+    assert result.passed and result.max_abs_diff < 1e-4

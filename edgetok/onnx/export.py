@@ -39,6 +39,8 @@ def export_module(
             dynamic_axes=axes,
         )
     model = onnx.load(str(path), load_external_data=False)
+    if uses_external_data(model):
+        model = consolidate_external_data(path)
     for value in [*model.graph.input, *model.graph.output]:
         batch = value.type.tensor_type.shape.dim[0]
         if batch.dim_param != "batch":
@@ -58,3 +60,20 @@ def io_signature(model: onnx.ModelProto) -> dict:
         "inputs": [describe(v) for v in model.graph.input],
         "outputs": [describe(v) for v in model.graph.output],
     }
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def consolidate_external_data(path: Path) -> onnx.ModelProto:
+    """Models over 2 GB come out of the exporter with one file per weight; keep one ``.onnx.data``."""
+    folder = path.parent
+    before = {p for p in folder.iterdir() if p != path}
+    model = onnx.load(str(path))  # reads every external tensor
+    data_name = f"{path.name}.data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    for stale in before - {folder / data_name}:
+        stale.unlink()
+    return onnx.load(str(path), load_external_data=False)
