@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -77,6 +78,71 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
         allow_unsupported_ops=allow_unsupported_ops,
     )
     click.echo(summary(export_vit(opts, _say)))
+
+
+@cli.command("build-engine")
+@click.argument("model", required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL.<backend>.<precision>.engine).")
+@click.option("--backend", default="auto", show_default=True, help="auto, tensorrt or tensorrt-rtx.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
+@click.option("--batch", help="Batch profile MIN:OPT:MAX (default: from the export sidecar).")
+@click.option("--shapes", multiple=True, help="Per-input profile name:MIN:OPT:MAX, shapes like 8x3x224x224.")
+@click.option("--workspace", type=int, help="Workspace limit in MiB.")
+@click.option("--opt-level", type=click.IntRange(0, 5), help="Builder optimization level 0-5.")
+@click.option("--target", "targets", multiple=True, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89,sm120.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT: timing cache to load/save; RTX: runtime cache for the JIT.")
+@click.option("--plugins", multiple=True, help="Plugin library (.so) to load; repeatable.")
+@click.option("--dla-core", type=int, help="Jetson: build for this DLA core (GPU fallback on).")
+@click.option("--recipe", help="Build the ONNX of a recipe's export section with its build: section.")
+def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace, opt_level, targets, timing_cache,
+                     plugins, dla_core, recipe) -> None:
+    """Build a TensorRT or TensorRT-RTX engine from MODEL (.onnx) in a child process."""
+    from edgetok.engine.build import build_engine, progress, summary
+    from edgetok.engine.options import BuildOptions, parse_targets
+
+    values = dict(output=output, backend=backend, precision=precision, batch=batch, shapes=list(shapes),
+                  workspace=workspace, opt_level=opt_level, targets=parse_targets(list(targets)),
+                  timing_cache=timing_cache, plugins=list(plugins), dla_core=dla_core)
+    if recipe:
+        if model:
+            raise EdgetokError("give either MODEL or --recipe, not both")
+        model, values = _recipe_build(recipe, values)
+    elif not model:
+        raise EdgetokError("give the ONNX model to build (e.g. edgetok-out/model.onnx) or --recipe NAME")
+    with progress(sys.stderr.isatty()) as say:
+        report = build_engine(BuildOptions(onnx=model, **values), say)
+    click.echo(summary(report))
+
+
+def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
+    """The recipe's export output (exported first if missing) and its build: section under CLI flags."""
+    from edgetok.engine.options import BuildOptions, parse_targets
+    from edgetok.vit.export import ViTExportOptions, default_output, export_vit
+
+    data = recipes.load(name)
+    exported = recipes.section(data, "export", ViTExportOptions.fields() | {"kind"}, name)
+    exported.pop("kind", None)
+    export_opts = ViTExportOptions(**exported)
+    onnx_path = Path(export_opts.output) if export_opts.output else default_output(export_opts)
+    build = recipes.section(data, "build", set(BuildOptions.__dataclass_fields__) - {"onnx"}, name) \
+        if "build" in data else {}
+    if "targets" in build:
+        build["targets"] = parse_targets(build["targets"] if isinstance(build["targets"], list) else [build["targets"]])
+    defaults = BuildOptions(onnx="")
+    merged = dict(build)
+    for key, value in cli_values.items():  # flags given on the command line win over the recipe
+        if value != getattr(defaults, key) and value not in (None, []):
+            merged[key] = value
+    if not onnx_path.is_file():
+        _say(f"{onnx_path} is missing: exporting recipe {name} first")
+        click.echo(summary_export(export_vit(export_opts, _say)))
+    return str(onnx_path), merged
+
+
+def summary_export(data: dict) -> str:
+    from edgetok.vit.export import summary
+
+    return summary(data)
 
 
 def main(argv: list[str] | None = None) -> int:

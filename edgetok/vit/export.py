@@ -98,6 +98,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 "opset": opts.opset,
                 "export_batch": opts.batch,
                 "dynamic_batch": True,
+                "batch_profile": [1, opts.batch, max(opts.batch, 32)],  # build-engine's default min/opt/max
                 "external_data": any(p.suffix != ".onnx" for p in stage.iterdir()),
                 **io_signature(model),
             },

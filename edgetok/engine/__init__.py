@@ -1,0 +1,1 @@
+"""ONNX -> TensorRT / TensorRT-RTX engines, built in a child process, with a build report."""

@@ -1,0 +1,301 @@
+"""`edgetok build-engine`: check options, prepare the ONNX, build in a child process, publish the
+engine and its ``<engine>.build.json`` together (or nothing at all)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from edgetok import atomic, sidecar
+from edgetok.engine.backend import Backend, select
+from edgetok.engine.options import BuildOptions, InputProfile, parse_batch, parse_shapes
+from edgetok.errors import EdgetokError
+
+REPORT_SUFFIX = ".build.json"
+
+
+def report_path(engine: str | Path) -> Path:
+    return Path(f"{engine}{REPORT_SUFFIX}")
+
+
+def _load_onnx(path: str) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.is_file():
+        raise EdgetokError(f"{path} does not exist; give an .onnx file (e.g. from `edgetok export`)")
+    try:
+        return onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise EdgetokError(f"{path} is not an ONNX model ({reason}); give an .onnx file from `edgetok export`") from None
+
+
+def _graph_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    initializers = {i.name for i in model.graph.initializer}
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in model.graph.input if v.name not in initializers
+    }
+
+
+def default_batch(side: dict | None) -> str:
+    """The sidecar's batch profile, else 1:1:1 (a static-batch engine)."""
+    if side and "batch_profile" in side.get("onnx", {}):
+        return ":".join(str(b) for b in side["onnx"]["batch_profile"])
+    return "1:1:1"
+
+
+def resolve_profiles(model: onnx.ModelProto, opts: BuildOptions, side: dict | None) -> list[InputProfile]:
+    """One optimization profile covering every input, from --shapes, else --batch, else the sidecar."""
+    inputs = _graph_inputs(model)
+    explicit = {p.name: p for p in map(parse_shapes, opts.shapes)}
+    for name in explicit:
+        if name not in inputs:
+            raise EdgetokError(f"--shapes names input {name!r}, but the model's inputs are {', '.join(inputs)}")
+    low, opt, high = parse_batch(opts.batch or default_batch(side))
+    profiles = []
+    for name, dims in inputs.items():
+        if name in explicit:
+            profile = explicit[name]
+            for i, d in enumerate(dims):
+                if isinstance(d, int) and d > 0 and not profile.min[i] == profile.max[i] == d:
+                    raise EdgetokError(f"--shapes {name}: dimension {i} is fixed to {d} in the model")
+            if len(profile.min) != len(dims):
+                raise EdgetokError(f"--shapes {name}: the model's input has {len(dims)} dimensions")
+            profiles.append(profile)
+            continue
+        static = [d for d in dims[1:] if not (isinstance(d, int) and d > 0)]
+        if static:
+            raise EdgetokError(
+                f"input {name} has dynamic dimensions besides the batch ({dims}); give --shapes {name}:MIN:OPT:MAX"
+            )
+        batch = dims[0] if dims else 1
+        if isinstance(batch, int) and batch > 0 and (low, high) != (batch, batch):
+            raise EdgetokError(
+                f"--batch {low}:{opt}:{high} is outside what {Path(opts.onnx).name} allows: input {name} has a fixed "
+                f"batch of {batch}; use --batch {batch} or re-export with a dynamic batch"
+            )
+        rest = [int(d) for d in dims[1:]]
+        profiles.append(InputProfile(name, [low, *rest], [opt, *rest], [high, *rest]))
+    return profiles
+
+
+def _name_failed_nodes(errors: list[dict], model: onnx.ModelProto) -> list[dict]:
+    """Some parser errors carry no node (index -1): find it from the importer that failed
+    (``importScatterElements``), preferring the nodes our lint flags."""
+    from edgetok.onnx.lint import lint
+
+    flagged = {f.node for f in lint(model)}
+    named = []
+    for err in errors:
+        if not err["node"] and err.get("importer", "").startswith("import"):
+            op = err["importer"][len("import"):]
+            candidates = [n.name or f"<{op} #{i}>" for i, n in enumerate(model.graph.node) if n.op_type == op]
+            candidates = [c for c in candidates if c in flagged] or candidates
+            err = {**err, "node": ", ".join(candidates[:3]) or "?", "op_type": err["op_type"] or op}
+        named.append(err)
+    return named
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _layer_counts(layers: list[dict]) -> dict:
+    by_type: dict[str, int] = {}
+    for layer in layers:
+        by_type[layer["type"]] = by_type.get(layer["type"], 0) + 1
+    return {"count": len(layers), "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]))}
+
+
+def default_output(opts: BuildOptions, backend: Backend) -> Path:
+    src = Path(opts.onnx)
+    return src.with_name(f"{src.stem}.{backend.name}.{opts.precision}.engine")
+
+
+def _run_worker(request: dict, workdir: Path, say: Callable[[str], None]) -> tuple[dict, str]:
+    """Run the child; returns its last event and the tail of its log."""
+    request_path = workdir / "request.json"
+    request_path.write_text(json.dumps(request))
+    read_fd, write_fd = os.pipe()
+    log_path = workdir / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgetok.engine.worker", str(request_path), str(write_fd)],
+            stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+        )
+    os.close(write_fd)
+    last: dict = {}
+    with os.fdopen(read_fd) as events:
+        for line in events:
+            event = json.loads(line)
+            if event["event"] == "stage":
+                say(event["text"])
+            elif event["event"] == "progress" and not event.get("parent"):
+                say(f"building: {event['phase']}")
+            else:
+                last = event
+    code = proc.wait()
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    if code < 0 and not last:
+        last = {"event": "error", "message": f"the builder process was killed by signal {-code}"}
+    elif code != 0 and not last:
+        last = {"event": "error", "message": f"the builder process exited with code {code}"}
+    return last, " | ".join(tail)
+
+
+@contextlib.contextmanager
+def progress(enabled: bool):
+    """A live status line (rich) with elapsed time; plain lines when not on a terminal."""
+    if not enabled:
+        yield lambda text: print(f"· {text}", file=sys.stderr)
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    current = ["starting"]
+    with console.status("") as status:
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(0.5):
+                status.update(f"{current[0]}  [{time.perf_counter() - start:.0f} s]")
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+
+        def say(text: str) -> None:
+            current[0] = text
+            status.update(f"{text}  [{time.perf_counter() - start:.0f} s]")
+
+        try:
+            yield say
+        finally:
+            stop.set()
+            thread.join()
+
+
+def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None) -> dict:
+    backend, why = select(opts.backend)
+    if why:
+        say(why)
+    version = backend.version()
+    if opts.precision not in ("fp32", "fp16", "bf16"):
+        raise EdgetokError(f"--precision {opts.precision!r} is unknown; choose fp32, fp16 or bf16")
+    backend.check(opts, version)
+    for lib in opts.plugins:
+        if not Path(lib).is_file():
+            raise EdgetokError(f"--plugins {lib} does not exist; give the path of a plugin .so")
+    if opts.dla_core is not None and opts.precision == "fp32":
+        raise EdgetokError("--dla-core needs --precision fp16 (DLA runs fp16 or int8)")
+    model = _load_onnx(opts.onnx)
+    side = sidecar.read(opts.onnx) if sidecar.sidecar_path(opts.onnx).is_file() else None
+    profiles = resolve_profiles(model, opts, side)
+    out = Path(opts.output) if opts.output else default_output(opts, backend)
+    if out.suffix not in (".engine", ".plan", ".trt"):
+        raise EdgetokError(f"-o {out} should end in .engine (or .plan / .trt)")
+    backend.prepare()
+
+    source = Path(opts.onnx)
+    with atomic.staging_dir(out) as stage:
+        work = stage / "work"
+        work.mkdir()
+        conversion = None
+        onnx_to_parse = source
+        if opts.precision != "fp32" and backend.strongly_typed(version):
+            from edgetok.onnx.fp16 import compare_precisions, convert_to_fp16
+
+            say("converting the ONNX to fp16 (strongly typed network)")
+            onnx_to_parse = work / f"{source.stem}.fp16.onnx"
+            convert_to_fp16(source, onnx_to_parse)
+            say("validating the fp16 ONNX in ONNX Runtime")
+            rng = np.random.default_rng(0)
+            inputs = {p.name: rng.standard_normal(p.min, dtype=np.float32) for p in profiles}
+            conversion = compare_precisions(source, onnx_to_parse, inputs)
+
+        request = {
+            "backend": backend.name,
+            "onnx": str(onnx_to_parse.resolve()),
+            "engine": str(stage / out.name),
+            "config": backend.config(opts, version),
+            "profiles": [[p.as_dict() for p in profiles]],
+            "plugins": [str(Path(p).resolve()) for p in opts.plugins],
+            "save_timing_cache": opts.timing_cache if backend.name == "tensorrt" else None,
+        }
+        event, log_tail = _run_worker(request, work, say)
+        if event.get("event") == "parse_error":
+            nodes = _name_failed_nodes(event["nodes"], model)
+            listed = "; ".join(f"{n['node']} ({n['op_type']}): {n['reason']}" for n in nodes[:5])
+            more = f"; and {len(nodes) - 5} more" if len(nodes) > 5 else ""
+            raise EdgetokError(
+                f"{backend.name} cannot parse {source.name}: {len(nodes)} node(s) failed: {listed}{more}; "
+                "`edgetok export` lints for such ops before writing a model"
+            )
+        if event.get("event") != "result":
+            detail = f" (log: {log_tail})" if log_tail else ""
+            raise EdgetokError(f"{backend.name} build failed: {event.get('message', 'no result')}{detail}")
+
+        engine_file = stage / out.name
+        report = sidecar.stamp({
+            "kind": "engine",
+            "engine": {"file": out.name, "bytes": engine_file.stat().st_size},
+            "backend": {"name": backend.name, "version": event["library_version"]},
+            "precision": opts.precision,
+            "strongly_typed": backend.strongly_typed(version),
+            "fp16_conversion": conversion,
+            "profiles": [[p.as_dict() for p in profiles]],
+            "settings": {k: v for k, v in request["config"].items() if k != "strongly_typed"},
+            **backend.notes(opts),
+            "build_seconds": round(event["build_seconds"], 2),
+            "network_layers": _layer_counts(event["network_layers"]),
+            "engine_layers": event["engine_layers"],
+            "engine_inspector": event["engine_inspector"],
+            "source_onnx": {"path": str(source.resolve()), "sha256": _sha256(source)},
+            "plugins": request["plugins"],
+            "plugin_notes": event.get("plugin_notes", []),
+            "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing")
+                       if k in side} if side else None,
+        })
+        sidecar.write(stage / report_path(out).name, report)
+        work_files = list(work.iterdir())
+        for f in work_files:
+            f.unlink()
+        work.rmdir()
+        atomic.publish(stage, out.parent)
+    report["path"] = str(out)
+    return report
+
+
+def summary(report: dict) -> str:
+    profile = report["profiles"][0][0]
+    conv = report["fp16_conversion"]
+    lines = [
+        f"wrote {report['path']} ({report['engine']['bytes'] / 1e6:.1f} MB) + {report_path(report['path']).name}",
+        f"  backend    {report['backend']['name']} {report['backend']['version']}, {report['precision']}"
+        + (", strongly typed" if report["strongly_typed"] else ""),
+        f"  profile    {profile['name']}: min {profile['min']} opt {profile['opt']} max {profile['max']}",
+        f"  built in   {report['build_seconds']:.1f} s, {report['network_layers']['count']} network layers",
+    ]
+    if "targets" in report:
+        lines.append(f"  targets    {report['targets']}")
+    if conv:
+        lines.append(f"  fp16 ONNX  validated in ONNX Runtime: cosine {conv['cosine']:.6f}, "
+                     f"max |diff| {conv['max_abs_diff']:.2e}")
+    if report["engine_layers"] is None:
+        lines.append(f"  engine     per-layer info unavailable: {report['engine_inspector']}")
+    return "\n".join(lines)

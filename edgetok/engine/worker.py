@@ -1,0 +1,168 @@
+"""The child process that parses and builds: a parser or builder fault kills only this process.
+
+Run as ``python -m edgetok.engine.worker REQUEST.json EVENTS_FD``. It reports on the pipe EVENTS_FD,
+one JSON object per line: ``stage`` and ``progress`` while it works, then one of ``result``,
+``parse_error`` (the failing nodes) or ``error``. The library's own log goes to stdout/stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import time
+
+from edgetok.engine.backend import BACKENDS
+
+
+class Events:
+    def __init__(self, fd: int):
+        self.stream = os.fdopen(fd, "w", buffering=1)
+
+    def send(self, kind: str, **data) -> None:
+        self.stream.write(json.dumps({"event": kind, **data}) + "\n")
+        self.stream.flush()
+
+
+def _parser_errors(parser) -> list[dict]:
+    errors = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        desc = err.desc().split("\n")[0]
+        errors.append({
+            "node": err.node_name() if hasattr(err, "node_name") else str(err.node()),
+            "op_type": err.node_operator() if hasattr(err, "node_operator") else "",
+            "reason": desc,
+            "importer": err.func() if hasattr(err, "func") else "",  # e.g. importScatterElements
+        })
+    return errors
+
+
+def _progress_monitor(trt, events: Events):
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            events.send("progress", phase=phase_name, parent=parent_phase, steps=num_steps)
+
+        def step_complete(self, phase_name, step):
+            return True
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+def _engine_layers(trt, logger, engine_bytes) -> tuple[list | None, str | None]:
+    """Per-layer names/types from the engine inspector, which needs the engine deserialized (a GPU)."""
+    try:
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(engine_bytes)
+    except Exception as exc:  # no GPU / driver: the library raises or returns None
+        return None, f"cannot deserialize here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if engine is None:
+        return None, "cannot deserialize the engine on this machine (no usable GPU)"
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = [{"name": layer.get("Name", layer) if isinstance(layer, dict) else layer,
+               "type": layer.get("LayerType") if isinstance(layer, dict) else None}
+              for layer in info.get("Layers", [])]
+    return layers, None
+
+
+def build(request: dict, events: Events) -> int:
+    backend = BACKENDS[request["backend"]]
+    if backend.polygraphy_rtx:
+        os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
+    events.send("stage", text=f"importing {backend.module}")
+    trt = __import__(backend.module)
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Profile
+    from polygraphy.backend.trt import util as trt_util
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    logger = trt_util.get_trt_logger()
+
+    registry = trt.get_plugin_registry()
+    plugin_notes = []
+    for lib in request["plugins"]:
+        events.send("stage", text=f"loading plugin library {lib}")
+        try:
+            ctypes.CDLL(lib)  # a clear reason (dlerror) when the file is not a loadable library
+        except OSError as exc:
+            events.send("error", message=f"cannot load plugin library {lib}: {exc}")
+            return 6
+        if registry.load_library(lib) is None:
+            plugin_notes.append(f"{lib}: the plugin registry returned no handle (no creators found?)")
+
+    events.send("stage", text=f"parsing {os.path.basename(request['onnx'])}")
+    settings = dict(request["config"])
+    strongly_typed = settings.pop("strongly_typed")
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not backend.polygraphy_rtx:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(request["onnx"]):
+        events.send("parse_error", nodes=_parser_errors(parser))
+        return 3
+    network_layers = [{"name": network.get_layer(i).name, "type": network.get_layer(i).type.name}
+                      for i in range(network.num_layers)]
+
+    if "memory_pool_limits" in settings:
+        settings["memory_pool_limits"] = {getattr(trt.MemoryPoolType, k): v
+                                          for k, v in settings["memory_pool_limits"].items()}
+    dla_core = settings.pop("dla_core", None)
+    profiles = []
+    for spec in request["profiles"]:
+        profile = Profile()
+        for item in spec:
+            profile.add(item["name"], item["min"], item["opt"], item["max"])
+        profiles.append(profile)
+    if backend.polygraphy_rtx:
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX as Config
+    else:
+        Config = CreateConfig
+    config = Config(profiles=profiles, progress_monitor=_progress_monitor(trt, events), **settings)
+    if dla_core is not None:
+        base = config
+
+        def config(builder, network):  # polygraphy sets use_dla; the core number is ours to set
+            cfg = base(builder, network)
+            cfg.DLA_core = dla_core
+            return cfg
+
+    events.send("stage", text="building engine")
+    start = time.perf_counter()
+    engine_bytes = EngineBytesFromNetwork((builder, network, parser), config=config,
+                                          save_timing_cache=request.get("save_timing_cache"))()
+    seconds = time.perf_counter() - start
+    if engine_bytes is None:
+        events.send("error", message="the builder returned no engine (see the log above)")
+        return 4
+    with open(request["engine"], "wb") as f:
+        f.write(engine_bytes)
+    engine_layers, inspect_note = _engine_layers(trt, logger, engine_bytes)
+    events.send("result", build_seconds=seconds, network_layers=network_layers,
+                engine_layers=engine_layers, engine_inspector=inspect_note or "ok", plugin_notes=plugin_notes,
+                library_version=trt.__version__)
+    return 0
+
+
+def main() -> int:
+    request = json.loads(open(sys.argv[1]).read())
+    events = Events(int(sys.argv[2]))
+    try:
+        return build(request, events)
+    except Exception as exc:  # library errors arrive as exceptions: report them as one line
+        message = " ".join(str(exc).split())[:500] or type(exc).__name__
+        events.send("error", message=message)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

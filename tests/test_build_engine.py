@@ -1,0 +1,153 @@
+"""`edgetok build-engine`: real TensorRT-RTX builds on this CPU-only machine, and every refusal."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgetok.cli import main
+from edgetok.vit.export import ViTExportOptions, export_vit
+
+pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is installed by tools/setup.sh")
+
+EXPORTS = {
+    "dense": dict(method="none"),
+    "tome_r13": dict(method="tome", r=13),
+    "evit_0.7": dict(method="evit", keep_rate=0.7),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    return {name: export_vit(ViTExportOptions(model="deit_tiny_patch16_224", output=str(root / f"{name}.onnx"),
+                                              **opts))["path"]
+            for name, opts in EXPORTS.items()}
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("model", list(EXPORTS))
+def test_real_rtx_build(capsys, tmp_path, exported, model, precision):
+    engine = tmp_path / f"{model}.engine"
+    code, out, err = run_cli(capsys, "build-engine", exported[model], "--backend", "tensorrt-rtx", "--precision",
+                             precision, "--batch", "1:4:8", "--target", "sm86,sm120", "-o", str(engine))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [engine.name, engine.name + ".build.json"]
+    assert engine.stat().st_size > 1_000_000
+    report = json.loads((tmp_path / (engine.name + ".build.json")).read_text())
+    assert report["backend"]["name"] == "tensorrt-rtx" and report["backend"]["version"].startswith("1.")
+    assert report["engine"]["bytes"] == engine.stat().st_size
+    assert report["precision"] == precision and report["strongly_typed"] is True
+    assert report["profiles"] == [[{"name": "pixel_values", "min": [1, 3, 224, 224], "opt": [4, 3, 224, 224],
+                                    "max": [8, 3, 224, 224]}]]
+    assert report["targets"] == ["sm86", "sm120"]
+    assert report["settings"]["compute_capabilities"] == [[8, 6], [12, 0]]
+    assert report["source_onnx"]["sha256"] == hashlib.sha256(Path(exported[model]).read_bytes()).hexdigest()
+    assert report["network_layers"]["count"] > 100 and report["build_seconds"] > 0
+    assert report["export"]["reduction"]["method"] == EXPORTS[model]["method"]
+    if precision == "fp16":
+        assert report["fp16_conversion"]["passed"] and report["fp16_conversion"]["cosine"] > 0.999
+    else:
+        assert report["fp16_conversion"] is None
+    assert "tensorrt-rtx" in out and precision in out
+
+
+def test_batch_profile_defaults_from_the_sidecar(capsys, tmp_path, exported):
+    engine = tmp_path / "d.engine"
+    code, out, err = run_cli(capsys, "build-engine", exported["dense"], "-o", str(engine))
+    assert code == 0, err
+    report = json.loads(Path(f"{engine}.build.json").read_text())
+    profile = report["profiles"][0][0]
+    assert (profile["min"][0], profile["opt"][0], profile["max"][0]) == (1, 1, 32)
+    assert "--backend auto chose tensorrt-rtx" in err
+
+
+def _scatter_add_model(path: Path, batch="batch"):
+    data = helper.make_tensor_value_info("data", TensorProto.FLOAT, [batch, 3])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [batch, 3])
+    upd = helper.make_tensor_value_info("upd", TensorProto.FLOAT, [batch, 3])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 3])
+    node = helper.make_node("ScatterElements", ["data", "idx", "upd"], ["out"], name="merge/scatter_add", axis=0,
+                            reduction="add")
+    graph = helper.make_graph([node], "g", [data, idx, upd], [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_parse_failure_names_the_node(capsys, tmp_path):
+    _scatter_add_model(tmp_path / "s.onnx")
+    code, out, err = run_cli(capsys, "build-engine", str(tmp_path / "s.onnx"), "--backend", "tensorrt-rtx",
+                             "--batch", "1:2:4")
+    assert_one_line_error(code, err, "merge/scatter_add", "ScatterElements", "Unsupported reduction", "lint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
+
+
+def test_fixed_batch_model_refuses_a_batch_range(capsys, tmp_path):
+    _scatter_add_model(tmp_path / "fixed.onnx", batch=1)
+    code, out, err = run_cli(capsys, "build-engine", str(tmp_path / "fixed.onnx"), "--batch", "1:4:8")
+    assert_one_line_error(code, err, "--batch 1:4:8", "fixed batch of 1")
+
+
+def test_a_failing_child_is_one_line_and_leaves_nothing(capsys, tmp_path, exported):
+    bogus = tmp_path / "libbogus.so"
+    bogus.write_bytes(b"not a shared library")
+    code, out, err = run_cli(capsys, "build-engine", exported["dense"], "--backend", "tensorrt-rtx", "--plugins",
+                             str(bogus), "-o", str(tmp_path / "x.engine"))
+    assert_one_line_error(code, err, "build failed", "cannot load plugin library", "libbogus.so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["libbogus.so"]
+
+
+BAD = {
+    "missing_file": (["nope.onnx"], ["nope.onnx", "does not exist"]),
+    "not_onnx": (["{junk}"], ["junk.onnx", "not an ONNX model"]),
+    "unknown_target": (["{dense}", "--target", "sm86,sm90"], ["sm90", "sm120"]),
+    "tensorrt_not_installed": (["{dense}", "--backend", "tensorrt"], ["tensorrt is not installed", "pip install"]),
+    "unknown_backend": (["{dense}", "--backend", "onnxruntime"], ["onnxruntime", "tensorrt-rtx"]),
+    "bad_batch": (["{dense}", "--batch", "8:4:1"], ["--batch 8:4:1"]),
+    "bf16_on_rtx": (["{dense}", "--backend", "tensorrt-rtx", "--precision", "bf16"], ["bf16", "fp16"]),
+    "dla_on_rtx": (["{dense}", "--backend", "tensorrt-rtx", "--precision", "fp16", "--dla-core", "0"], ["DLA"]),
+    "shapes_unknown_input": (["{dense}", "--shapes", "images:1x3x224x224:1x3x224x224:1x3x224x224"],
+                             ["images", "pixel_values"]),
+    "opt_level_out_of_range": (["{dense}", "--opt-level", "9"], ["--opt-level"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input(capsys, tmp_path, exported, case):
+    (tmp_path / "junk.onnx").write_text("hello")
+    args, needles = BAD[case]
+    args = [a.format(dense=exported["dense"], junk=tmp_path / "junk.onnx") for a in args]
+    before = sorted(Path(exported["dense"]).parent.iterdir())
+    code, out, err = run_cli(capsys, "build-engine", *args)
+    assert_one_line_error(code, err, *needles)
+    assert sorted(Path(exported["dense"]).parent.iterdir()) == before
+
+
+def test_recipe_exports_then_builds(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("r.yaml").write_text(
+        "export:\n  model: deit_tiny_patch16_224\n  method: tome\n  r: 8\n  img_size: 96\n  output: out/t.onnx\n"
+        "build:\n  backend: tensorrt-rtx\n  precision: fp16\n  batch: '1:2:4'\n  targets: sm89\n"
+    )
+    code, out, err = run_cli(capsys, "build-engine", "--recipe", "r.yaml")
+    assert code == 0, err
+    assert sorted(p.name for p in Path("out").iterdir()) == [
+        "t.edgetok.json", "t.onnx", "t.tensorrt-rtx.fp16.engine", "t.tensorrt-rtx.fp16.engine.build.json"]
+    report = json.loads(Path("out/t.tensorrt-rtx.fp16.engine.build.json").read_text())
+    assert report["targets"] == ["sm89"] and report["profiles"][0][0]["max"] == [4, 3, 96, 96]
