@@ -145,6 +145,93 @@ def summary_export(data: dict) -> str:
     return summary(data)
 
 
+@cli.command("profile")
+@click.argument("models", nargs=-1)
+@click.option("--backend", default="auto", show_default=True,
+              help="auto (by file type), onnxruntime, tensorrt, tensorrt-rtx or torch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or jetson.")
+@click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-rtx"]),
+              help="ONNX Runtime execution provider (default: cpu, or cuda on a GPU device).")
+@click.option("--batch", type=int, help="Batch size (default: 1, or the engine's opt profile).")
+@click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input (default: random, seeded).")
+@click.option("--warmup", type=float, default=200, show_default=True, help="Warm-up time in ms.")
+@click.option("--duration", type=float, default=3.0, show_default=True, help="Timed seconds per model (at least).")
+@click.option("--iterations", type=int, default=10, show_default=True, help="Timed iterations per model (at least).")
+@click.option("--rounds", type=int, default=1, show_default=True, help="Interleave models over this many rounds.")
+@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="GPU runners: replay inference as a CUDA graph.")
+@click.option("--data-transfers/--no-data-transfers", default=None, help="Engines: time H2D/D2H copies (trtexec default by version).")
+@click.option("--recipe", help="Profile a recipe's export (or its profile.sweep variants), exporting what is missing.")
+@click.option("--host", help="Profile on a remote Jetson over ssh (user@host); the report comes back here.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="edgetok-out/profile", show_default=True,
+              help="Where profile.json, profile.md and profile.png go.")
+@click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the JSON report exactly here.")
+def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, iterations, rounds, threads, cuda_graphs,
+                data_transfers, recipe, host, output_dir, report_json) -> None:
+    """Latency statistics (trtexec-grade) for one or more models, compared side by side."""
+    from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
+
+    labels: list[str] = []
+    if recipe:
+        if models:
+            raise EdgetokError("give either MODELS or --recipe, not both")
+        models, labels, prof = _recipe_models(recipe)
+        batch = batch or prof.get("batch")
+        rounds = rounds if rounds != 1 else prof.get("rounds", 1)
+        duration = prof.get("duration", duration)
+    if host:
+        from edgetok.profile.remote import run_remote
+
+        device = "jetson" if device == "cpu" else device
+        args = ["--backend", backend, "--device", device, "--warmup", str(warmup), "--duration", str(duration),
+                "--iterations", str(iterations), "--threads", str(threads)]
+        args += ["--batch", str(batch)] if batch else []
+        args += ["--ep", ep] if ep else []
+        args += [] if cuda_graphs is None else ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
+        args += [] if data_transfers is None else ["--data-transfers" if data_transfers else "--no-data-transfers"]
+        for m in models:
+            if not Path(m).is_file():
+                raise EdgetokError(f"{m} does not exist")
+        result = run_remote(host, [Path(m) for m in models], args)
+    else:
+        opts = ProfileOptions(models=list(models), backend=backend, device=device, ep=ep, batch=batch, inputs=inputs,
+                              warmup_ms=warmup, duration_s=duration, iterations=iterations, rounds=rounds,
+                              threads=threads, cuda_graphs=cuda_graphs, data_transfers=data_transfers, labels=labels)
+        result = _with_progress(lambda tick: profile(opts, tick), len(models) * duration)
+    paths = write_reports(result, Path(output_dir))
+    if report_json:
+        from edgetok import sidecar
+
+        sidecar.write(report_json, result)
+    click.echo(summary(result))
+    _say(f"reports: {', '.join(str(p) for p in paths)}")
+
+
+def _with_progress(work, total_seconds: float):
+    """A progress bar over the timed seconds (stderr, only on a terminal)."""
+    if not sys.stderr.isatty():
+        return work(None)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("profiling", total=max(total_seconds, 1e-6))
+        return work(lambda label, seconds: bar.update(task, advance=seconds, description=f"profiling {label}"))
+
+
+def _recipe_models(recipe: str) -> tuple[list[str], list[str], dict]:
+    from edgetok.vit.export import ViTExportOptions, export_vit
+
+    variants, prof = recipes.profile_plan(recipes.load(recipe), recipe)
+    models, labels = [], []
+    for label, values in variants:
+        if not Path(values["output"]).is_file():
+            _say(f"exporting {label} -> {values['output']}")
+            export_vit(ViTExportOptions(**values), _say)
+        models.append(values["output"])
+        labels.append(label)
+    return models, labels, prof
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure is one line on stderr and a non-zero exit, never a traceback."""
     try:

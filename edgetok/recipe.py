@@ -44,3 +44,33 @@ def section(data: dict, name: str, allowed: set[str], recipe: str) -> dict:
     if unknown:
         raise EdgetokError(f"recipe {recipe}: unknown key '{name}.{unknown[0]}'; allowed: {', '.join(sorted(allowed))}")
     return values
+
+
+PROFILE_KEYS = {"sweep", "backend", "device", "batch", "duration", "iterations", "rounds", "threads", "warmup"}
+
+
+def profile_plan(data: dict, recipe: str) -> tuple[list[tuple[str, dict]], dict]:
+    """The exports a recipe's ``profile:`` section sweeps (label, export options) and its profile options.
+
+    ``sweep: {r: [0, 8, 13, 16]}`` varies one export parameter; each variant gets its own output file.
+    """
+    from edgetok.vit.export import ViTExportOptions, default_output
+
+    base = section(data, "export", ViTExportOptions.fields() | {"kind"}, recipe)
+    base.pop("kind", None)
+    prof = section(data, "profile", PROFILE_KEYS, recipe) if "profile" in data else {}
+    sweep = prof.pop("sweep", None) or {}
+    if len(sweep) > 1 or (sweep and not isinstance(next(iter(sweep.values())), list)):
+        raise EdgetokError(f"recipe {recipe}: profile.sweep must vary one export parameter, e.g. {{r: [0, 8, 13]}}")
+    if not sweep:
+        return [(Path(base.get("output") or "model").stem, base)], prof
+    (key, values), = sweep.items()
+    if key not in ViTExportOptions.fields():
+        raise EdgetokError(f"recipe {recipe}: profile.sweep.{key} is not an export option")
+    variants = []
+    for value in values:
+        opts = {**base, key: value}
+        out = Path(base["output"]) if base.get("output") else default_output(ViTExportOptions(**base))
+        opts["output"] = str(out.with_name(f"{out.stem}_{key}{value}{out.suffix}"))
+        variants.append((f"{key}={value}", opts))
+    return variants, prof

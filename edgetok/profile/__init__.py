@@ -1,0 +1,1 @@
+"""Latency profiling with trtexec-grade statistics, dense vs reduced side by side, on CPU, GPU and Jetson."""

@@ -1,0 +1,175 @@
+"""`edgetok profile`: open every model's runner first (bad input fails before any timing), warm each
+up, time them (optionally in interleaved rounds), and assemble one report with the comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgetok import atomic, sidecar
+from edgetok.errors import EdgetokError
+from edgetok.profile import compare
+from edgetok.profile.environment import environment
+from edgetok.profile.measure import Measurement, timed_round, warm_up
+from edgetok.profile.runners import ENGINE_SUFFIXES, load_inputs, open_runner, random_inputs
+
+DEVICES = ("cpu", "cuda", "jetson")
+
+
+@dataclass
+class ProfileOptions:
+    models: list[str]
+    backend: str = "auto"
+    device: str = "cpu"
+    ep: str | None = None
+    batch: int | None = None
+    inputs: str | None = None
+    warmup_ms: float = 200.0
+    duration_s: float = 3.0
+    iterations: int = 10
+    rounds: int = 1
+    threads: int = 0
+    cuda_graphs: bool | None = None
+    data_transfers: bool | None = None
+    seed: int = 0
+    tegrastats_interval_ms: int = 100
+    labels: list[str] = field(default_factory=list)
+
+
+def _check(opts: ProfileOptions) -> None:
+    if not opts.models:
+        raise EdgetokError("give at least one model to profile (.onnx, engine, or a timm name with --backend torch)")
+    if opts.device not in DEVICES:
+        raise EdgetokError(f"--device {opts.device!r} is unknown; choose {', '.join(DEVICES)}")
+    if opts.duration_s < 0 or opts.iterations < 1 or opts.rounds < 1 or opts.warmup_ms < 0:
+        raise EdgetokError("--duration and --warmup must be >= 0, --iterations and --rounds >= 1")
+    if opts.batch is not None and opts.batch < 1:
+        raise EdgetokError(f"--batch {opts.batch} must be >= 1")
+    if opts.device == "jetson":
+        from edgetok.profile import jetson
+
+        if not jetson.is_jetson():
+            raise EdgetokError(
+                "--device jetson: this machine is not a Jetson (no /etc/nv_tegra_release); "
+                "run on the Jetson or use --host user@jetson"
+            )
+
+
+def _precision(model: str) -> str:
+    path = Path(model)
+    if path.suffix in ENGINE_SUFFIXES and Path(f"{model}.build.json").is_file():
+        return json.loads(Path(f"{model}.build.json").read_text())["precision"]
+    return "fp32"
+
+
+def _sidecar_facts(model: str) -> dict:
+    path = Path(model)
+    if path.suffix in ENGINE_SUFFIXES:
+        report = Path(f"{model}.build.json")
+        side = (json.loads(report.read_text()).get("export") or {}) if report.is_file() else {}
+    elif path.suffix == ".onnx" and sidecar.sidecar_path(model).is_file():
+        side = sidecar.read(model)
+    else:
+        side = {}
+    return {k: side.get(k) for k in ("flops", "reduction", "accuracy")}
+
+
+def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None = None) -> dict:
+    """Profile every model; ``progress(label, seconds_done)`` is called as time passes."""
+    _check(opts)
+    rounds = 1 if opts.device == "jetson" else opts.rounds  # one contiguous tegrastats window per model
+    labels = opts.labels or [Path(m).stem if Path(m).suffix else m for m in opts.models]
+    entries = []
+    for model, label in zip(opts.models, labels):
+        runner, batch = open_runner(model, opts.backend, opts.device, opts.batch, opts.threads, opts.ep,
+                                    opts.cuda_graphs, opts.data_transfers)
+        specs = runner.input_specs()
+        if opts.inputs:
+            feed, batch = load_inputs(opts.inputs, specs)
+        else:
+            feed = random_inputs(specs, batch, opts.seed)
+        runner.set_inputs(feed)
+        entries.append({"model": model, "label": label, "runner": runner, "batch": batch, "m": Measurement()})
+
+    sampler = None
+    if opts.device == "jetson":
+        from edgetok.profile import jetson
+        from edgetok.profile.tegrastats import TegrastatsSampler
+
+        power_mode, clocks = jetson.power_mode(), jetson.clocks()
+        sampler = TegrastatsSampler(interval_ms=opts.tegrastats_interval_ms)
+        sampler.start()
+    try:
+        for e in entries:
+            warm_up(e["runner"], opts.warmup_ms / 1e3)
+        per_round = opts.duration_s / rounds
+        for _ in range(rounds):
+            for e in entries:
+                tick = (lambda s, label=e["label"]: progress(label, s)) if progress else None
+                timed_round(e["runner"], e["m"], per_round, math.ceil(opts.iterations / rounds), tick)
+    finally:
+        samples = sampler.stop() if sampler else []
+        for e in entries:
+            e["runner"].close()
+
+    models = []
+    for e in entries:
+        report = {"name": e["label"], "model": e["model"], "runner": e["runner"].info(), "batch": e["batch"],
+                  "precision": _precision(e["model"]), **e["m"].report(e["batch"]), **_sidecar_facts(e["model"])}
+        if sampler:
+            from edgetok.profile.tegrastats import summarize
+
+            (start, end), = e["m"].windows
+            report["jetson"] = summarize(samples, start, end, len(e["m"].records))  # per forward call
+        models.append(report)
+    result = sidecar.stamp({
+        "kind": "profile",
+        "environment": environment(),
+        "settings": {"device": opts.device, "warmup_ms": opts.warmup_ms, "duration_s": opts.duration_s,
+                     "iterations": opts.iterations, "rounds": rounds, "seed": opts.seed,
+                     "inputs": opts.inputs or "random (seeded)"},
+        "models": models,
+        "comparison": compare.rows(models),
+    })
+    if sampler:
+        from edgetok.profile import jetson
+
+        result["jetson"] = {"power_mode": power_mode, "clocks": clocks, "warning": jetson.lock_warning(clocks)}
+    return result
+
+
+def write_reports(result: dict, out_dir: Path) -> list[Path]:
+    """profile.json, profile.md and profile.png in ``out_dir``, each written whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = result["comparison"]
+    title = (f"{result['settings']['device']}, batch {table[0]['batch']}, "
+             f"{result['models'][0]['runner']['backend']} — {result['environment']['cpu']}")
+    paths = [out_dir / "profile.json", out_dir / "profile.md", out_dir / "profile.png"]
+    sidecar.write(paths[0], result)
+    atomic.write_text(paths[1], f"# edgetok profile\n\n{title}\n\n{compare.markdown(table)}\n")
+    with atomic.staging_dir(paths[2]) as stage:
+        compare.plot(table, stage / "profile.png", title)
+        atomic.publish(stage, out_dir)
+    return paths
+
+
+def summary(result: dict) -> str:
+    lines = [compare.markdown(result["comparison"]), ""]
+    for m in result["models"]:
+        lat = m["timings_ms"]["latency"]
+        legs = ", ".join(f"{leg} median {m['timings_ms'][leg]['median']:.3f} ms"
+                         for leg in ("h2d", "compute", "d2h", "enqueue") if leg in m["timings_ms"])
+        lines.append(
+            f"{m['name']}: {m['iterations']} iterations in {m['wall_s']:.2f} s, latency min {lat['min']:.2f} / mean "
+            f"{lat['mean']:.2f} / median {lat['median']:.2f} / p90 {lat['p90']:.2f} / p95 {lat['p95']:.2f} / p99 "
+            f"{lat['p99']:.2f} / max {lat['max']:.2f} ms (CV {lat['cv']:.1%}), {m['throughput']['qps']:.1f} qps"
+            + (f"; {legs}" if legs else "")
+        )
+        for w in m["warnings"]:
+            lines.append(f"  warning: {w}")
+    if result.get("jetson", {}).get("warning"):
+        lines.append(f"warning: {result['jetson']['warning']}")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""`edgetok profile`: real ONNX Runtime CPU profiles, consistent statistics, comparison table and plot,
+and one-line errors for what cannot run."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetok.cli import main
+from edgetok.profile.profiler import ProfileOptions, profile, write_reports
+from edgetok.profile.stats import summarize, warnings_for
+from edgetok.vit.export import ViTExportOptions, export_vit
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, opts in {"dense": dict(method="none"), "tome": dict(method="tome", r=10)}.items():
+        paths[name] = export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=96,
+                                                  output=str(root / f"{name}.onnx"), **opts))["path"]
+    return paths
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_summary_statistics_match_numpy_and_warn_like_trtexec():
+    samples = [0.010, 0.011, 0.012, 0.013, 0.050]
+    s = summarize(samples)
+    assert s["min"] == pytest.approx(10.0) and s["max"] == pytest.approx(50.0)
+    assert s["median"] == pytest.approx(12.0) and s["mean"] == pytest.approx(19.2)
+    assert s["p90"] == pytest.approx(np.percentile(np.array(samples) * 1e3, 90))
+    assert s["stdev"] == pytest.approx(np.std(np.array(samples) * 1e3, ddof=1))
+    assert s["cv"] == pytest.approx(s["stdev"] / s["mean"])
+    steady = summarize([0.010] * 20)
+    assert warnings_for({"latency": steady}) == []
+    assert "unstable" in warnings_for({"latency": s})[0]
+    gpu = {"latency": steady, "compute": steady, "enqueue": summarize([0.009] * 20), "h2d": summarize([0.02] * 20)}
+    notes = " ".join(warnings_for(gpu))
+    assert "enqueue-bound" in notes and "H2D-bound" in notes
+
+
+def test_real_onnxruntime_cpu_profile_is_consistent(onnx_pair):
+    result = profile(ProfileOptions(models=[onnx_pair["dense"]], batch=2, duration_s=0.5, iterations=5,
+                                    warmup_ms=50, threads=1))
+    (m,) = result["models"]
+    lat = m["timings_ms"]["latency"]
+    assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert lat["min"] <= lat["mean"] <= lat["max"] and lat["stdev"] >= 0
+    assert m["iterations"] >= 5 and m["wall_s"] >= 0.5
+    # Sequential runs: throughput is the batch over the mean latency, less the loop's own overhead.
+    assert m["throughput"]["items_per_s"] == pytest.approx(2 / (lat["mean"] / 1e3), rel=0.1)
+    assert m["throughput"]["items_per_s"] == pytest.approx(2 * m["throughput"]["qps"])
+    assert m["runner"]["execution_provider"] == "CPUExecutionProvider"
+    assert m["runner"]["intra_op_threads"] == 1 and m["runner"]["allow_spinning"] is False
+    assert m["batch"] == 2 and m["precision"] == "fp32"
+    env = result["environment"]
+    assert env["cpu"] and env["cpu_count"] >= 1 and env["versions"]["onnxruntime"]
+
+
+def test_comparison_table_and_plot_from_two_real_profiles(onnx_pair, tmp_path):
+    result = profile(ProfileOptions(models=[onnx_pair["dense"], onnx_pair["tome"]], duration_s=0.4, iterations=3,
+                                    warmup_ms=20, rounds=2))
+    dense, tome = result["comparison"]
+    assert dense["speedup"] == pytest.approx(1.0) and dense["flops_bound"] == pytest.approx(1.0)
+    side = json.loads(Path(onnx_pair["tome"]).with_name("tome.edgetok.json").read_text())
+    dense_side = json.loads(Path(onnx_pair["dense"]).with_name("dense.edgetok.json").read_text())
+    assert tome["gmacs"] == side["flops"]["reduced_gmacs"]
+    assert tome["flops_bound"] == pytest.approx(dense_side["flops"]["reduced_gmacs"] / side["flops"]["reduced_gmacs"])
+    assert tome["speedup"] == pytest.approx(dense["median_ms"] / tome["median_ms"])
+    assert tome["speedup_over_bound"] == pytest.approx(tome["speedup"] / tome["flops_bound"])
+    json_path, md_path, png_path = write_reports(result, tmp_path / "out")
+    assert json.loads(json_path.read_text())["comparison"] == result["comparison"]
+    md = md_path.read_text().splitlines()
+    assert any(line.startswith("| dense | onnxruntime |") for line in md)
+    assert any(line.startswith("| tome | onnxruntime |") and f"{tome['speedup']:.2f}x" in line for line in md)
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 10_000
+
+
+def test_profile_cli_with_npz_inputs(capsys, onnx_pair, tmp_path):
+    np.savez(tmp_path / "in.npz", pixel_values=np.zeros((3, 3, 96, 96), np.float32))
+    code, out, err = run_cli(capsys, "profile", onnx_pair["dense"], "--inputs", str(tmp_path / "in.npz"),
+                             "--duration", "0.2", "--warmup", "10", "-o", str(tmp_path / "r"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "profile.json").read_text())
+    assert report["models"][0]["batch"] == 3 and report["settings"]["inputs"].endswith("in.npz")
+    assert "| dense | onnxruntime | 3 |" in out
+
+
+def test_torch_runner_recreates_the_model_from_the_sidecar(onnx_pair):
+    result = profile(ProfileOptions(models=[onnx_pair["tome"]], backend="torch", duration_s=0.2, iterations=2,
+                                    warmup_ms=10))
+    (m,) = result["models"]
+    assert m["runner"]["backend"] == "torch" and m["runner"]["weights"] == "random"
+    assert m["reduction"]["method"] == "tome" and m["timings_ms"]["latency"]["median"] > 0
+
+
+def test_recipe_sweep_exports_and_profiles_each_variant(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("s.yaml").write_text("export:\n  model: deit_tiny_patch16_224\n  method: tome\n  img_size: 64\n"
+                              "  output: m/t.onnx\nprofile:\n  sweep:\n    r: [0, 4]\n  duration: 0.2\n")
+    code, out, err = run_cli(capsys, "profile", "--recipe", "s.yaml", "--warmup", "10")
+    assert code == 0, err
+    assert sorted(p.name for p in Path("m").glob("*.onnx")) == ["t_r0.onnx", "t_r4.onnx"]
+    report = json.loads(Path("edgetok-out/profile/profile.json").read_text())
+    assert [r["name"] for r in report["comparison"]] == ["r=0", "r=4"]
+    assert report["comparison"][1]["flops_bound"] > 1.2
+
+
+def _fake_engine(tmp_path, backend="tensorrt-rtx"):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\0" * 64)
+    Path(f"{engine}.build.json").write_text(json.dumps({"backend": {"name": backend}, "precision": "fp16",
+                                                       "profiles": [[{"opt": [4, 3, 224, 224]}]]}))
+    return engine
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_bad_inputs(capsys, tmp_path, onnx_pair):
+    engine = _fake_engine(tmp_path)
+    cases = [
+        (["profile", str(tmp_path / "missing.onnx")], ["missing.onnx", "does not exist"]),
+        (["profile", str(engine), "--backend", "onnxruntime", "--device", "cuda"],
+         ["tensorrt-rtx engine", "--backend onnxruntime cannot run it"]),
+        (["profile", str(engine)], ["engine", "--device cuda"]),
+        (["profile", onnx_pair["dense"], "--backend", "tensorrt"], ["build-engine"]),
+        (["profile", onnx_pair["dense"], "--device", "jetson"], ["--device jetson", "not a Jetson", "--host"]),
+        (["profile", onnx_pair["dense"], "--device", "cuda"], ["CUDAExecutionProvider", "onnxruntime-gpu"]),
+        (["profile", onnx_pair["dense"], "--inputs", str(tmp_path / "none.npz")], ["none.npz"]),
+        (["profile"], ["at least one model"]),
+    ]
+    for args, needles in cases:
+        code, out, err = run_cli(capsys, *args, "-o", str(tmp_path / "never"))
+        assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "never").exists()
+
+
+def test_unreachable_host_is_one_line(capsys, tmp_path, onnx_pair):
+    code, out, err = run_cli(capsys, "profile", onnx_pair["dense"], "--host", "nobody@host.invalid",
+                             "-o", str(tmp_path / "never"))
+    assert_one_line_error(code, err, "host.invalid")
+    assert not (tmp_path / "never").exists()
+
+
+def _stand_in(bin_dir: Path, name: str, fixture: Path, repeat: bool = False):
+    """An executable printing a real capture (without its `#` source lines), once or every 50 ms."""
+    body = "\n".join(line for line in fixture.read_text().splitlines() if not line.startswith("#"))
+    data = bin_dir / f"{name}.txt"
+    data.write_text(body + "\n")
+    loop = f'while true; do cat "{data}"; sleep 0.05; done' if repeat else f'cat "{data}"'
+    script = bin_dir / name
+    script.write_text(f"#!/bin/sh\n{loop}\n")
+    script.chmod(0o755)
+
+
+def test_jetson_profile_reports_power_energy_and_clock_state(onnx_pair, tmp_path, monkeypatch):
+    fixtures = Path(__file__).parent / "fixtures"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stand_in(bin_dir, "tegrastats", fixtures / "tegrastats" / "agx-orin-jetpack7.2.txt", repeat=True)
+    _stand_in(bin_dir, "nvpmodel", fixtures / "nvpmodel" / "thor-maxn.txt")
+    _stand_in(bin_dir, "jetson_clocks", fixtures / "jetson_clocks" / "agx-orin-jp5-dynamic.txt")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr("edgetok.profile.jetson.is_jetson", lambda: True)
+    result = profile(ProfileOptions(models=[onnx_pair["dense"]], device="jetson", ep="cpu", duration_s=0.6,
+                                    iterations=2, warmup_ms=10, tegrastats_interval_ms=50))
+    (m,) = result["models"]
+    power = m["jetson"]
+    assert power["samples"] >= 3
+    # AGX Orin has no VDD_IN: total power is the sum of its three rails, 5139 + 3268 + 5500 mW.
+    assert power["power_mw"]["avg"] == pytest.approx(13907)
+    expected_mj = 13.907 * power["window_s"] / m["iterations"] * 1e3
+    assert power["energy_per_inference_mj"] == pytest.approx(expected_mj, rel=1e-6)
+    assert result["jetson"]["power_mode"]["name"] == "MAXN"
+    assert result["jetson"]["clocks"]["locked"] is False and "jetson_clocks" in result["jetson"]["warning"]
+    assert result["comparison"][0]["energy_mj"] == power["energy_per_inference_mj"]
