@@ -166,10 +166,18 @@ def summary_export(data: dict) -> str:
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="edgetok-out/profile", show_default=True,
               help="Where profile.json, profile.md and profile.png go.")
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the JSON report exactly here.")
+@click.option("--pair", is_flag=True, help="MODELS is one speculative-decoding pair folder: profile generation.")
+@click.option("--k", type=int, default=4, show_default=True, help="--pair: tokens the draft proposes per round.")
+@click.option("--adaptive-k", is_flag=True, help="--pair: adapt k to the acceptance.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="--pair: tokens per prompt.")
 def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, iterations, rounds, threads, cuda_graphs,
-                data_transfers, recipe, host, output_dir, report_json) -> None:
+                data_transfers, recipe, host, output_dir, report_json, pair, k, adaptive_k, max_new_tokens) -> None:
     """Latency statistics (trtexec-grade) for one or more models, compared side by side."""
     from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
+
+    if pair:
+        _profile_pair(models, k, adaptive_k, max_new_tokens, device, Path(output_dir), report_json)
+        return
 
     labels: list[str] = []
     if recipe:
@@ -207,6 +215,24 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     _say(f"reports: {', '.join(str(p) for p in paths)}")
 
 
+def _profile_pair(models, k, adaptive_k, max_new_tokens, device, out_dir: Path, report_json) -> None:
+    from edgetok import atomic, sidecar
+    from edgetok.llm.profile import markdown, profile_pair
+
+    if len(models) != 1:
+        raise EdgetokError("--pair profiles one pair folder (from `edgetok export spec-pair`)")
+    if k < 1:
+        raise EdgetokError(f"--k {k} must be >= 1")
+    dev = "cuda" if device == "cuda" else "cpu"
+    report = profile_pair(models[0], k, max_new_tokens, adaptive_k=adaptive_k, draft_device=dev, target_device=dev)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sidecar.write(out_dir / "pair_profile.json", report)
+    atomic.write_text(out_dir / "pair_profile.md", f"# edgetok pair profile\n\n{markdown(report)}\n")
+    if report_json:
+        sidecar.write(report_json, report)
+    click.echo(markdown(report))
+
+
 def _with_progress(work, total_seconds: float):
     """A progress bar over the timed seconds (stderr, only on a terminal)."""
     if not sys.stderr.isatty():
@@ -230,6 +256,109 @@ def _recipe_models(recipe: str) -> tuple[list[str], list[str], dict]:
         models.append(values["output"])
         labels.append(label)
     return models, labels, prof
+
+
+@export.command("spec-pair")
+@click.option("--target", required=True, help="Local Hugging Face causal-LM folder (weights, or config.json only).")
+@click.option("--draft", required=True, help="Draft folder sharing the target's vocabulary, or layer-skip:N.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New folder for the pair.")
+def export_spec_pair_cmd(target, draft, output) -> None:
+    """Export a draft/target pair of causal LMs as KV-cache ONNX decoders, checked against PyTorch."""
+    from edgetok.llm.pair import export_pair, summary
+
+    click.echo(summary(export_pair(target, draft, output, _say)))
+
+
+@cli.command("generate")
+@click.argument("pair", type=click.Path())
+@click.option("--prompt", help="Prompt text (needs the pair's tokenizer).")
+@click.option("--prompt-ids", help="Prompt as comma-separated token ids.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--mode", type=click.Choice(["target", "speculative"]), default="speculative", show_default=True)
+@click.option("--k", type=int, default=4, show_default=True, help="Tokens the draft proposes per round.")
+@click.option("--adaptive-k", is_flag=True, help="Grow k after a clean sweep, shrink it after an early miss.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sampling.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--draft-device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--target-device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, temperature, seed, draft_device,
+                 target_device, as_json) -> None:
+    """Generate with the target alone or with speculative decoding (lossless)."""
+    import json
+
+    from edgetok.llm.runtime import generate
+
+    ids = None
+    if prompt_ids is not None:
+        try:
+            ids = [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise EdgetokError(f"--prompt-ids {prompt_ids!r} must be comma-separated integers") from None
+    result = generate(pair, prompt, ids, max_new_tokens, mode, k, temperature, seed, draft_device, target_device,
+                      adaptive_k)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(result.get("text", " ".join(map(str, result["tokens"]))))
+    rate = result["decode_tokens_per_s"]
+    extra = (f", acceptance {result['acceptance_rate']:.2f}, {result['mean_tokens_per_round']:.2f} tokens/round"
+             if mode == "speculative" else "")
+    _say(f"{result['new_tokens']} tokens, {rate:.1f} tok/s ({mode}{extra})")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(), help="ImageFolder: one subfolder of images per class.")
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--reference", help="Reference model (e.g. the dense ONNX): top-1 agreement and mean KL.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights when MODEL is a timm name.")
+@click.option("--no-sidecar", is_flag=True, help="Do not record the result in the ONNX sidecar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> None:
+    """Top-1/top-5 of MODEL (.onnx, engine or timm name) on an ImageFolder, with its own preprocessing."""
+    import json
+
+    from edgetok.vit.evaluate import EvalOptions, evaluate
+
+    opts = EvalOptions(model=model, data=data, batch=batch, reference=reference, write_sidecar=not no_sidecar,
+                       checkpoint=checkpoint)
+    result = _with_count_progress(lambda tick: evaluate(opts, tick))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    line = f"{model}: top-1 {result['top1']:.2%}"
+    line += f", top-5 {result['top5']:.2%}" if result["top5"] is not None else ""
+    line += f" on {result['samples']} images ({result['classes']} classes)"
+    if "reference" in result:
+        ref = result["reference"]
+        line += f"; vs {ref['model']}: top-1 agreement {ref['top1_agreement']:.2%}, mean KL {ref['mean_kl']:.4f}"
+    click.echo(line)
+
+
+def _with_count_progress(work):
+    if not sys.stderr.isatty():
+        return work(None)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+@cli.group()
+def data() -> None:
+    """Datasets edgetok can write without a download."""
+
+
+@data.command("digits")
+@click.option("-o", "--output", default="edgetok-out/digits-heldout", show_default=True, type=click.Path(file_okay=False))
+def data_digits_cmd(output) -> None:
+    """The reference ViT's held-out split of scikit-learn's digits, as an ImageFolder."""
+    from edgetok.vit.digits import write_heldout_folder
+
+    info = write_heldout_folder(output)
+    click.echo(f"wrote {info['images']} images in {info['classes']} class folders to {info['path']}")
 
 
 def main(argv: list[str] | None = None) -> int:

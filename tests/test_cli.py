@@ -97,7 +97,7 @@ BAD_INPUTS = {
     "img_size_not_divisible": (["export", "vit", TINY, "--img-size", "100"], ["--img-size 100", "patch size 16", "96"]),
     "missing_checkpoint": (["export", "vit", TINY, "--checkpoint", "nope.pth"], ["nope.pth", "does not exist"]),
     "r_not_an_int": (["export", "vit", TINY, "--method", "tome", "--r", "many"], ["'many'"]),
-    "unknown_recipe": (["export", "--recipe", "no_such_recipe"], ["no_such_recipe", "deit_small_tome_r13"]),
+    "unknown_recipe": (["export", "--recipe", "no_such_recipe"], ["no_such_recipe", "deit_small_tome_r13", "default"]),
     "tome_without_r": (["export", "vit", TINY, "--method", "tome"], ["--r"]),
     "bad_output_suffix": (["export", "vit", TINY, "-o", "model.trt"], ["model.trt", ".onnx"]),
 }
@@ -166,6 +166,6 @@ def test_default_export_through_the_console_script(in_tmp):
     proc = subprocess.run([str(exe), "export"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr
-    assert files_written(in_tmp) == ["edgetok-out/deit_small_tome_r13.edgetok.json",
-                                     "edgetok-out/deit_small_tome_r13.onnx"]
-    assert "FLOPs speedup bound 1.70x" in proc.stdout
+    assert files_written(in_tmp) == ["edgetok-out/digits_vit_tome_r8.edgetok.json",
+                                     "edgetok-out/digits_vit_tome_r8.onnx"]
+    assert "FLOPs speedup bound 1.66x" in proc.stdout and "digits_vit/model.safetensors" in proc.stdout

@@ -203,6 +203,13 @@ class TensorRTEngineRunner(Runner):
 
         return self.timer.run(h2d, self.graph.replay if self.graph else self._enqueue, d2h)
 
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One inference on new inputs, outputs copied back (for accuracy evaluation, not timing)."""
+        self.set_inputs(feed)
+        self._enqueue()
+        self.timer.stream.synchronize()
+        return {name: self.dev[name].cpu().numpy() for name in self.host_out}
+
     def info(self):
         return {"backend": self.name, "version": self.trt.__version__, "defaults": self.defaults,
                 "cuda_graphs": self.cuda_graphs, "data_transfers": self.data_transfers,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgetok.errors import EdgetokError
+from edgetok.vit import digits  # registers edgetok_digits_vit with timm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,6 +89,8 @@ def _load_timm(name: str, checkpoint: str | None, img_size: int | None) -> Loade
     size = img_size or model.patch_embed.img_size[0]
     _check_img_size(size, patch, name)
     weights = "random"
+    if checkpoint is None and name == digits.NAME and digits.WEIGHTS.is_file():
+        checkpoint = str(digits.WEIGHTS)  # edgetok's own reference model ships its weights
     if checkpoint:
         _load_timm_checkpoint(model, checkpoint, checkpoint_filter_fn)
         weights = str(Path(checkpoint).resolve())

@@ -1,0 +1,50 @@
+"""Accuracy vs speed on edgetok's reference ViT (trained here on scikit-learn's digits): dense vs ToMe r
+and EViT keep sweeps — held-out top-1, agreement with dense, GMACs and ONNX Runtime CPU latency, all
+measured in this one run.
+
+    .venv/bin/python bench/reference_tradeoff.py [--batch 64] [--duration 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from edgetok.profile.profiler import ProfileOptions, profile
+from edgetok.vit import digits
+from edgetok.vit.evaluate import EvalOptions, evaluate
+from edgetok.vit.export import ViTExportOptions, export_vit
+
+VARIANTS = {"dense": dict(method="none")}
+VARIANTS.update({f"tome r={r}": dict(method="tome", r=r) for r in (2, 4, 6, 8)})
+VARIANTS.update({f"evit {k}": dict(method="evit", keep_rate=k) for k in (0.9, 0.7, 0.5)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = digits.write_heldout_folder(Path(tmp) / "heldout")["path"]
+        paths = {}
+        for name, opts in VARIANTS.items():
+            out = Path(tmp) / f"{name.replace(' ', '_').replace('=', '')}.onnx"
+            paths[name] = export_vit(ViTExportOptions(model=digits.NAME, output=str(out), **opts))["path"]
+        acc = {name: evaluate(EvalOptions(model=p, data=data, reference=paths["dense"])) for name, p in paths.items()}
+        result = profile(ProfileOptions(models=list(paths.values()), labels=list(paths), batch=args.batch,
+                                        duration_s=args.duration, rounds=args.rounds))
+    print(f"{digits.NAME} ({digits.ASSET.name}, trained by tools/train_digits_vit.py), {acc['dense']['samples']} "
+          f"held-out digits; ONNX Runtime CPU, batch {args.batch}, {args.rounds} interleaved rounds, medians")
+    print("| model | top-1 | top-1 agreement with dense | GMACs | median ms | speedup | FLOPs bound |")
+    print("|---|---|---|---|---|---|---|")
+    for row in result["comparison"]:
+        a = acc[row["name"]]
+        print(f"| {row['name']} | {a['top1']:.2%} | {a['reference']['top1_agreement']:.2%} | {row['gmacs']:.4f} | "
+              f"{row['median_ms']:.2f} | {row['speedup']:.2f}x | {row['flops_bound']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The shipped byte-level pair on ONNX Runtime CPU, k = 1..8: acceptance, tokens/s, speedup over
+target-only (all measured in this one run) and the round model's estimate from the measured
+acceptance and per-call costs.
+
+    .venv/bin/python bench/spec_decode.py [--max-new-tokens 96] [--ks 1,2,3,4,5,6,7,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from edgetok.llm.pair import export_pair
+from edgetok.llm.profile import DEFAULT_PROMPTS, call_costs, estimate_speedup, fitted_alpha
+from edgetok.llm.runtime import encode_prompt, generate_speculative, generate_target, open_pair
+
+SHIPPED = Path(__file__).parents[1] / "edgetok" / "assets" / "spec_pair"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--ks", default="1,2,3,4,5,6,7,8")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(Path(tmp) / "pair")
+        export_pair(str(SHIPPED / "target"), str(SHIPPED / "draft"), folder)
+        manifest, target, draft = open_pair(folder)
+        prompts = [encode_prompt(manifest, folder, p, None) for p in DEFAULT_PROMPTS]
+        generate_target(target, prompts[0], 16)  # warm-up
+        generate_speculative(target, draft, prompts[0], 16, 4)
+        base = [generate_target(target, p, args.max_new_tokens) for p in prompts]
+        base_rate = sum(len(g.tokens) for g in base) / sum(g.decode_s for g in base)
+        print(f"shipped pair (target {manifest['target']['num_hidden_layers']} layers x {manifest['target']['hidden_size']}, "
+              f"draft {manifest['draft']['num_hidden_layers']} x {manifest['draft']['hidden_size']}), ONNX Runtime CPU, "
+              f"spinning off, greedy, {len(prompts)} prompts x {args.max_new_tokens} new tokens")
+        print(f"target only: {base_rate:.1f} tok/s")
+        print("| k | acceptance | accepted/round | tok/s | speedup | estimate | measured / estimate | lossless |")
+        print("|---|---|---|---|---|---|---|---|")
+        best = (0.0, None)
+        for k in map(int, args.ks.split(",")):
+            gens = [generate_speculative(target, draft, p, args.max_new_tokens, k) for p in prompts]
+            rate = sum(len(g.tokens) for g in gens) / sum(g.decode_s for g in gens)
+            accepted = sum(g.accepted for g in gens)
+            rounds = sum(g.rounds for g in gens)
+            acceptance = accepted / sum(g.proposed for g in gens)
+            alpha = fitted_alpha(accepted / rounds, k)
+            estimate = estimate_speedup(alpha, k, call_costs(target, draft, k, manifest["vocab_size"]))
+            speedup = rate / base_rate
+            same = all(g.tokens == b.tokens for g, b in zip(gens, base))
+            best = max(best, (speedup, k))
+            print(f"| {k} | {acceptance:.2f} | {accepted / rounds:.2f} | {rate:.1f} | {speedup:.2f}x | {estimate:.2f}x | "
+                  f"{speedup / estimate:.2f} | {same} |")
+        print(f"best: k={best[1]} at {best[0]:.2f}x (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

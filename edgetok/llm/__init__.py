@@ -1,0 +1,1 @@
+"""Causal LMs: KV-cache decoders for speculative decoding."""

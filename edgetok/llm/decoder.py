@@ -1,0 +1,216 @@
+"""A Hugging Face causal LM as one ONNX decoder with KV cache (prefill, decode and multi-token verify in
+one graph), named as Optimum / onnxruntime-genai name them, and checked against PyTorch."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetok.errors import EdgetokError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class CausalLM:
+    model: nn.Module
+    source: str  # folder, or "folder (config only: random weights)", or "layer-skip:N of ..."
+    weights: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    def shapes(self) -> dict:
+        """genai_config-style dimensions."""
+        c = self.config
+        return {"num_hidden_layers": self.layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": self.kv_heads, "head_size": self.head_size, "hidden_size": c.hidden_size,
+                "vocab_size": c.vocab_size, "model_type": c.model_type,
+                "max_position_embeddings": getattr(c, "max_position_embeddings", None)}
+
+
+def load_causal_lm(folder: str) -> CausalLM:
+    """A local Hugging Face folder: with weights if present, else randomly initialised from config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own output stays one line per step
+    path = Path(folder)
+    if not path.is_dir():
+        raise EdgetokError(f"model folder {folder} does not exist; give a local Hugging Face folder (config.json)")
+    if not (path / "config.json").is_file():
+        raise EdgetokError(f"{folder} has no config.json; give a Hugging Face causal-LM folder")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise EdgetokError(f"cannot read {folder}/config.json: {' '.join(str(exc).split())[:160]}") from None
+    has_weights = any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()
+    try:
+        if has_weights:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                         attn_implementation="eager")
+        else:
+            torch.manual_seed(0)
+            config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise EdgetokError(f"{folder} is not a causal LM transformers can load: {' '.join(str(exc).split())[:160]}") from None
+    return CausalLM(model.float().eval(), str(path), str(path.resolve()) if has_weights else "random")
+
+
+def layer_skip(target: CausalLM, n: int) -> CausalLM:
+    """The target's first ``n`` layers with its own final norm and head: a draft with no second model."""
+    if not 1 <= n < target.layers:
+        raise EdgetokError(f"--draft layer-skip:{n} needs 1 <= N < {target.layers} (the target's layers)")
+    model = copy.deepcopy(target.model)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = body.layers if hasattr(body, "layers") else body.h
+    del layers[n:]
+    model.config.num_hidden_layers = n
+    if hasattr(model.config, "layer_types") and model.config.layer_types:
+        model.config.layer_types = model.config.layer_types[:n]
+    return CausalLM(model.eval(), f"layer-skip:{n} of {target.source}", target.weights)
+
+
+class DecoderWithCache(nn.Module):
+    """Flat tensors in and out, so one ONNX graph serves every phase: (ids, mask, positions, *past)
+    -> (logits, *present). Past length 0 is prefill; sequence 1 is decode; k+1 is verify."""
+
+    def __init__(self, lm: CausalLM):
+        super().__init__()
+        self.model = lm.model
+        self.layers = lm.layers
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self.cache_kw: cache})
+        present = out.get("cache") or out.get("past_key_values")
+        flat = []
+        for layer in present.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    past = [name % i for i in range(layers) for name in (PAST_KEY, PAST_VALUE)]
+    present = [name % i for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+    return [*INPUTS, *past], ["logits", *present]
+
+
+def _example(lm: CausalLM, batch: int, seq: int, past_len: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, lm.config.vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
+    past = []
+    for _ in range(lm.layers):
+        for _ in range(2):
+            past.append(torch.randn(batch, lm.kv_heads, past_len, lm.head_size, generator=gen))
+    return ids, mask, pos, past
+
+
+def export_decoder(lm: CausalLM, path: Path, opset: int = 17) -> None:
+    """TorchScript-based export, traced with batch 2, sequence 3 and a past of 4 (a past of 0 or a
+    size-1 axis would be specialised away); every axis that varies is named."""
+    inputs, outputs = io_names(lm.layers)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for name in inputs[3:]:
+        axes[name] = {0: "batch", 2: "past_sequence"}
+    for name in outputs[1:]:
+        axes[name] = {0: "batch", 2: "total_sequence"}
+    ids, mask, pos, past = _example(lm, batch=2, seq=3, past_len=4)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(DecoderWithCache(lm), (ids, mask, pos, *past), str(path), dynamo=False,
+                          opset_version=opset, input_names=inputs, output_names=outputs, dynamic_axes=axes)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for value in model.graph.input:
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        if not isinstance(dims[0], str):
+            raise EdgetokError(f"export fixed the batch of {value.name} to {dims[0]}; please report this model")
+
+
+def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4) -> dict:
+    """ONNX Runtime vs PyTorch on every phase, at a batch and lengths the export never saw."""
+    from edgetok.onnx.validate import ort_session
+
+    session = ort_session(str(path))
+    wrapper = DecoderWithCache(lm)
+    inputs, _ = io_names(lm.layers)
+    results = {}
+
+    def both(ids, mask, pos, past):
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapper(ids, mask, pos, *past)]
+        feed = dict(zip(inputs, [t.numpy() for t in (ids, mask, pos, *past)]))
+        got = session.run(None, feed)
+        return ref, got
+
+    def record(name, ref, got):
+        if any(r.shape != g.shape for r, g in zip(ref, got)):
+            raise EdgetokError(f"{path.name}: {name} output shapes differ from PyTorch; the export fixed a shape")
+        results[name] = max(float(np.abs(r - g).max()) for r, g in zip(ref, got))
+
+    batch = 3
+    ids, mask, pos, past = _example(lm, batch, seq=6, past_len=0, seed=1)  # prefill
+    ref, got = both(ids, mask, pos, past)
+    record("prefill", ref, got)
+    cache = [torch.from_numpy(a) for a in got[1:]]
+    length = 6
+    for name, seq in [("decode", 1), ("verify_k+1", 5)]:
+        ids = torch.randint(0, lm.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        mask = torch.ones(batch, length + seq, dtype=torch.long)
+        pos = torch.arange(length, length + seq).expand(batch, seq).contiguous()
+        ref, got = both(ids, mask, pos, cache)
+        record(name, ref, got)
+        cache = [torch.from_numpy(a) for a in got[1:]]
+        length += seq
+    keep = length - 3  # reject the last three verified tokens, then continue from there
+    cropped = [c[:, :, :keep].contiguous() for c in cache]
+    ids = torch.randint(0, lm.config.vocab_size, (batch, 2), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(batch, keep + 2, dtype=torch.long)
+    pos = torch.arange(keep, keep + 2).expand(batch, 2).contiguous()
+    ref, got = both(ids, mask, pos, cropped)
+    record("crop_and_continue", ref, got)
+    ids, mask, pos, past = _example(lm, batch=1, seq=11, past_len=9, seed=2)  # other batch and lengths
+    ref, got = both(ids, mask, pos, past)
+    record("other_shapes", ref, got)
+    worst = max(results.values())
+    if worst > tolerance:
+        bad = max(results, key=results.get)
+        raise EdgetokError(f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.3g} in {bad} (> {tolerance}); "
+                           "please report this model")
+    return {"backend": "onnxruntime-cpu", "max_abs_diff": results, "tolerance": tolerance, "passed": True}

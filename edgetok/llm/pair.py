@@ -1,0 +1,139 @@
+"""`edgetok export spec-pair`: a draft and a target decoder in one folder, with a genai-style manifest
+recording shapes, I/O name templates, the shared tokenizer and its hash, special tokens and max length."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from edgetok import atomic, sidecar
+from edgetok.errors import EdgetokError
+from edgetok.llm.decoder import (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, CausalLM, check_decoder,
+                                 export_decoder, layer_skip, load_causal_lm)
+
+MANIFEST = "edgetok_pair.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model")
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    if not any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise EdgetokError(f"cannot load the tokenizer in {folder}: {' '.join(str(exc).split())[:160]}") from None
+
+
+def tokenizer_hash(tok) -> str:
+    """Identity of a tokenizer by what it does: its vocabulary and special tokens, not its file bytes."""
+    data = {"vocab": sorted(tok.get_vocab().items()), "special": tok.special_tokens_map}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_compatible(target: CausalLM, draft: CausalLM, t_tok, d_tok, draft_spec: str) -> None:
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise EdgetokError(f"the draft {draft_spec} has vocab_size {dv} but the target has {tv}: a draft must share "
+                           "the target's vocabulary")
+    if t_tok is not None and d_tok is not None and tokenizer_hash(t_tok) != tokenizer_hash(d_tok):
+        raise EdgetokError(f"the draft {draft_spec} and the target use different tokenizers (same size, other tokens); "
+                           "pick a draft trained with the target's tokenizer")
+
+
+def _special_tokens(tok, config) -> dict:
+    ids = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if tok is not None:
+        ids.update({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                    "pad_token_id": tok.pad_token_id})
+        ids["tokens"] = {k: v for k, v in tok.special_tokens_map.items()}
+    return ids
+
+
+def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = lambda s: None) -> dict:
+    out_dir = Path(out)
+    say(f"loading target {target}")
+    t_lm = load_causal_lm(target)
+    t_tok = _tokenizer(target)
+    if draft.startswith("layer-skip:"):
+        try:
+            n = int(draft.split(":", 1)[1])
+        except ValueError:
+            raise EdgetokError(f"--draft {draft}: give layer-skip:N with N the number of target layers to keep") from None
+        d_lm, d_tok = layer_skip(t_lm, n), t_tok
+    else:
+        say(f"loading draft {draft}")
+        d_lm, d_tok = load_causal_lm(draft), _tokenizer(draft)
+    _check_compatible(t_lm, d_lm, t_tok, d_tok, draft)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise EdgetokError(f"-o {out} exists and is not empty; choose a new folder")
+
+    with atomic.staging_dir(out_dir) as stage:
+        entries = {}
+        for role, lm in (("target", t_lm), ("draft", d_lm)):
+            (stage / role).mkdir()
+            path = stage / role / "model.onnx"
+            say(f"exporting the {role} decoder ({lm.layers} layers)")
+            export_decoder(lm, path)
+            say(f"checking the {role} against PyTorch: prefill, decode, verify, crop-and-continue, other shapes")
+            validation = check_decoder(lm, path)
+            entries[role] = {"file": f"{role}/model.onnx", "source": lm.source, "weights": lm.weights,
+                             **lm.shapes(), "validation": validation}
+        tok_info = None
+        if t_tok is not None:
+            (stage / "tokenizer").mkdir()
+            for name in TOKENIZER_FILES:
+                if (Path(target) / name).is_file():
+                    shutil.copy2(Path(target) / name, stage / "tokenizer" / name)
+            tok_info = {"folder": "tokenizer", "sha256": tokenizer_hash(t_tok), "size": len(t_tok)}
+        max_length = min(x for x in (entries["target"]["max_position_embeddings"],
+                                     entries["draft"]["max_position_embeddings"]) if x) if any(
+            (entries["target"]["max_position_embeddings"], entries["draft"]["max_position_embeddings"])) else None
+        manifest = sidecar.stamp({
+            "kind": "spec-pair",
+            "target": entries["target"],
+            "draft": entries["draft"],
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                       "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
+            "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
+            "kv_layout": ["batch", "kv_heads", "sequence", "head_size"],
+            "vocab_size": t_lm.config.vocab_size,
+            "tokenizer": tok_info,
+            "special_tokens": _special_tokens(t_tok, t_lm.config),
+            "max_length": max_length,
+            "versions": sidecar.versions("torch", "transformers", "onnx", "onnxruntime"),
+        })
+        sidecar.write(stage / MANIFEST, manifest)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item in stage.iterdir():
+            shutil.move(str(item), out_dir / item.name)
+    manifest["path"] = str(out_dir)
+    return manifest
+
+
+def read_manifest(folder: str) -> dict:
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise EdgetokError(f"{folder} does not exist; export a pair with `edgetok export spec-pair`")
+    if not path.is_file():
+        raise EdgetokError(f"{folder} has no {MANIFEST}; export it with `edgetok export spec-pair`")
+    return json.loads(path.read_text())
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"wrote {manifest['path']} ({MANIFEST}, target/model.onnx, draft/model.onnx)"]
+    for role in ("target", "draft"):
+        e = manifest[role]
+        worst = max(e["validation"]["max_abs_diff"].values())
+        lines.append(f"  {role:7s} {e['source']} ({e['model_type']}, {e['num_hidden_layers']} layers, hidden "
+                     f"{e['hidden_size']}, weights: {e['weights']}); ONNX Runtime vs PyTorch max |diff| {worst:.1e} "
+                     "over prefill/decode/verify/crop/other shapes")
+    tok = manifest["tokenizer"]
+    lines.append(f"  tokenizer {'none (use --prompt-ids)' if tok is None else tok['sha256'][:12]}, vocab "
+                 f"{manifest['vocab_size']}, max length {manifest['max_length']}")
+    return "\n".join(lines)

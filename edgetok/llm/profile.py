@@ -1,0 +1,128 @@
+"""`edgetok profile PAIR_DIR --pair`: prefill and decode rates, acceptance, speedup over target-only,
+memory, and the per-call costs that predict the speedup (round model)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgetok import sidecar
+from edgetok.llm.runtime import encode_prompt, generate_speculative, generate_target, open_pair
+from edgetok.profile.environment import environment
+
+# Code openings: the shipped pair writes Python; any pair gets them through its own tokenizer.
+DEFAULT_PROMPTS = ["import os\nimport sys\n\n\ndef main(", "class Config:\n    def __init__(self", "    for i in range(",
+                   "def read_file(path):\n    with open(", "        if not isinstance("]
+
+
+def fitted_alpha(mean_accepted: float, k: int) -> float:
+    """Per-token acceptance α of the i.i.d. round model, from the mean accepted per round:
+    E[accepted] = α(1 − α^k)/(1 − α); solved by bisection (monotone in α)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        value = k if mid == 1 else mid * (1 - mid**k) / (1 - mid)
+        lo, hi = (mid, hi) if value < mean_accepted else (lo, mid)
+    return (lo + hi) / 2
+
+
+def call_costs(target, draft, k: int, vocab: int, context: int = 64, repeats: int = 20) -> dict:
+    """Median seconds of one target decode (1 token), one target verify (k+1 tokens) and one draft step."""
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, vocab, context + k + 1)]
+    def timed(model, n):
+        samples = []
+        for _ in range(repeats):
+            model.reset()
+            model.feed(tokens[:context])
+            start = time.perf_counter()
+            model.feed(tokens[context : context + n])
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+    return {"target_decode_s": timed(target, 1), "target_verify_s": timed(target, k + 1), "draft_step_s": timed(draft, 1)}
+
+
+def estimate_speedup(alpha: float, k: int, costs: dict) -> float:
+    """Tokens per round (1 − α^(k+1))/(1 − α) over the round's cost, against one token per decode."""
+    per_round = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    round_s = costs["target_verify_s"] + k * costs["draft_step_s"]
+    return per_round / round_s * costs["target_decode_s"]
+
+
+def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: list[str] | None = None,
+                 temperature: float = 0.0, adaptive_k: bool = False, draft_device: str = "cpu",
+                 target_device: str = "cpu", draft_threads: int = 0, target_threads: int = 0) -> dict:
+    manifest, target, draft = open_pair(folder, draft_device, target_device, draft_threads, target_threads)
+    if manifest["tokenizer"] is not None:
+        ids = [encode_prompt(manifest, folder, p, None) for p in (prompts or DEFAULT_PROMPTS)]
+    else:
+        rng = np.random.default_rng(0)
+        ids = [list(map(int, rng.integers(0, manifest["vocab_size"], 16))) for _ in range(len(DEFAULT_PROMPTS))]
+    eos = None  # measure full-length generations
+    generate_target(target, ids[0], 8)  # warm-up both sessions
+    generate_speculative(target, draft, ids[0], 8, k)
+    runs = {"target": [], "speculative": []}
+    for p in ids:
+        runs["target"].append(generate_target(target, p, max_new_tokens, temperature, 0, eos))
+        runs["speculative"].append(generate_speculative(target, draft, p, max_new_tokens, k, temperature, 0, eos,
+                                                        manifest.get("max_length"), adaptive_k))
+    rows = {}
+    for mode, gens in runs.items():
+        new = sum(len(g.tokens) for g in gens)
+        prompt_tokens = sum(g.prompt_tokens for g in gens)
+        prefill = sum(g.prefill_s for g in gens)
+        decode = sum(g.decode_s for g in gens)
+        rows[mode] = {"prefill_ms": prefill / len(gens) * 1e3, "prefill_tokens_per_s": prompt_tokens / prefill,
+                      "decode_tokens_per_s": new / decode, "new_tokens": new}
+        if mode == "speculative":
+            rounds = sum(g.rounds for g in gens)
+            rows[mode].update(acceptance_rate=sum(g.accepted for g in gens) / sum(g.proposed for g in gens),
+                              mean_accepted_per_round=sum(g.accepted for g in gens) / rounds,
+                              mean_tokens_per_round=new / rounds)
+    spec = rows["speculative"]
+    spec["speedup"] = spec["decode_tokens_per_s"] / rows["target"]["decode_tokens_per_s"]
+    same = all(t.tokens == s.tokens for t, s in zip(runs["target"], runs["speculative"]))
+    costs = call_costs(target, draft, k, manifest["vocab_size"])
+    alpha = fitted_alpha(spec["mean_accepted_per_round"], k)
+    kv_bytes = {role: 2 * manifest[role]["num_hidden_layers"] * manifest[role]["num_key_value_heads"] *
+                manifest[role]["head_size"] * 4 * (manifest.get("max_length") or 0) for role in ("target", "draft")}
+    return sidecar.stamp({
+        "kind": "pair-profile",
+        "pair": str(folder),
+        "settings": {"k": k, "adaptive_k": adaptive_k, "max_new_tokens": max_new_tokens, "prompts": len(ids),
+                     "temperature": temperature, "devices": {"target": target_device, "draft": draft_device},
+                     "threads": {"target": target_threads or "all", "draft": draft_threads or "all"},
+                     "allow_spinning": False},
+        "target_only": rows["target"],
+        "speculative": spec,
+        "greedy_outputs_identical": same if temperature == 0 else None,
+        "call_costs": costs,
+        "round_model": {"alpha": alpha, "estimated_speedup": estimate_speedup(alpha, k, costs)},
+        "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "model_files_mb": {r: (Path(folder) / manifest[r]["file"]).stat().st_size / 2**20
+                                      for r in ("target", "draft")},
+                   "kv_cache_mb_at_max_length": {r: b / 2**20 for r, b in kv_bytes.items()}},
+        "environment": environment(),
+    })
+
+
+def markdown(report: dict) -> str:
+    t, s = report["target_only"], report["speculative"]
+    k = report["settings"]["k"]
+    lines = ["| mode | prefill ms | prefill tok/s | decode tok/s | acceptance | accepted/round | speedup |",
+             "|---|---|---|---|---|---|---|",
+             f"| target only | {t['prefill_ms']:.1f} | {t['prefill_tokens_per_s']:.0f} | {t['decode_tokens_per_s']:.1f} "
+             "| – | – | 1.00x |",
+             f"| speculative k={k} | {s['prefill_ms']:.1f} | {s['prefill_tokens_per_s']:.0f} | "
+             f"{s['decode_tokens_per_s']:.1f} | {s['acceptance_rate']:.2f} | {s['mean_accepted_per_round']:.2f} | "
+             f"{s['speedup']:.2f}x |"]
+    est = report["round_model"]
+    lines.append("")
+    lines.append(f"round model: alpha {est['alpha']:.2f}, estimated speedup {est['estimated_speedup']:.2f}x; "
+                 f"measured / estimate {s['speedup'] / est['estimated_speedup']:.2f}; peak RSS "
+                 f"{report['memory']['peak_rss_mb']:.0f} MB")
+    if report["greedy_outputs_identical"] is not None:
+        lines.append(f"greedy speculative output identical to target-only: {report['greedy_outputs_identical']}")
+    return "\n".join(lines)

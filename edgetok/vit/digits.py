@@ -1,0 +1,84 @@
+"""The reference ViT trained here: a tiny timm ViT on scikit-learn's handwritten digits (8×8, shipped
+inside scikit-learn) upscaled to 32×32, so accuracy figures are real without downloading anything.
+
+Registered with timm as ``edgetok_digits_vit``; edgetok loads its shipped weights when no checkpoint is
+given. The held-out split is written on demand as an ImageFolder (``edgetok data digits``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from edgetok import atomic
+
+NAME = "edgetok_digits_vit"
+ASSET = Path(__file__).parents[1] / "assets" / "digits_vit"
+WEIGHTS = ASSET / "model.safetensors"
+HELD_OUT = 0.3  # fraction of the 1797 digits kept out of training
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
+               "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "center"}
+
+
+@register_model
+def edgetok_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Tiny-like: 32×32 input, 4×4 patches (64 tokens + class), 6 blocks of width 96."""
+    args = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0, num_classes=10)
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory passes these
+        kwargs.pop(key, None)
+    model = VisionTransformer(**{**args, **kwargs})
+    model.pretrained_cfg = {**DATA_CONFIG, "num_classes": 10, "architecture": NAME}
+    return model
+
+
+def digit_images():
+    """All 1797 digits as 32×32 RGB PIL images, with labels, in scikit-learn's order."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = []
+    for row in digits.images:  # 8×8, values 0..16
+        small = Image.fromarray((row * 255.0 / 16.0).round().astype(np.uint8), mode="L")
+        images.append(small.resize((32, 32), Image.BILINEAR).convert("RGB"))
+    return images, digits.target.astype(int)
+
+
+def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices, stratified by nothing but a fixed shuffle: the same everywhere."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * (1 - HELD_OUT)))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def write_heldout_folder(out_dir: str | Path) -> dict:
+    """The held-out split as an ImageFolder: ``out_dir/<digit>/<index>.png``; written whole or not at all."""
+    out_dir = Path(out_dir)
+    images, labels = digit_images()
+    _, held = split_indices(len(images))
+    with atomic.staging_dir(out_dir) as stage:
+        data = stage / "data"
+        for digit in range(10):
+            (data / str(digit)).mkdir(parents=True)
+        for i in held:
+            images[i].save(data / str(labels[i]) / f"{i:04d}.png")
+        (data / "README.txt").write_text(f"{len(held)} held-out scikit-learn digits (32x32 PNG), written by "
+                                         "`edgetok data digits`; the reference ViT never saw them in training.\n")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            from edgetok.errors import EdgetokError
+
+            raise EdgetokError(f"{out_dir} exists and is not empty; choose a new folder")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        data.rename(out_dir)
+    return {"path": str(out_dir), "images": len(held), "classes": 10}
+
+
+def training_record() -> dict | None:
+    path = ASSET / "TRAINING.json"
+    return json.loads(path.read_text()) if path.is_file() else None

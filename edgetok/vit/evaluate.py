@@ -1,0 +1,157 @@
+"""`edgetok eval`: top-1/top-5 on an ImageFolder with the model's own preprocessing, and agreement with a
+reference model (top-1 agreement, mean KL of the predicted distributions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgetok import sidecar
+from edgetok.errors import EdgetokError
+from edgetok.profile.runners import ENGINE_SUFFIXES
+
+
+def preprocessing_for(model: str, checkpoint: str | None = None) -> dict:
+    """The data config: from the export sidecar (ONNX), the build report (engine) or timm (a name)."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        return sidecar.read(model)["preprocessing"]
+    if path.suffix in ENGINE_SUFFIXES:
+        report = Path(f"{model}.build.json")
+        if not report.is_file() or not (json.loads(report.read_text()).get("export") or {}).get("preprocessing"):
+            raise EdgetokError(f"{model} has no build report with the export's preprocessing; rebuild it with "
+                               "`edgetok build-engine` from an edgetok export")
+        return json.loads(report.read_text())["export"]["preprocessing"]
+    from edgetok.vit.loading import load_vit
+
+    return load_vit(model, checkpoint).preprocessing
+
+
+def image_folder(root: str, data_config: dict):
+    """torchvision's ImageFolder with timm's eval transform; clear errors for the usual mistakes."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    path = Path(root)
+    if not path.is_dir():
+        raise EdgetokError(f"--data {root} is not a folder; give an ImageFolder (one subfolder per class)")
+    if not any(p.is_dir() for p in path.iterdir()):
+        what = "is empty" if not any(path.iterdir()) else "has no class subfolders"
+        raise EdgetokError(f"--data {root} {what}; give an ImageFolder: {root}/<class>/<image>.png")
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
+           if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+    if "image_mean" in data_config:  # Hugging Face processor naming
+        cfg.update(mean=tuple(data_config["image_mean"]), std=tuple(data_config["image_std"]))
+    try:
+        dataset = ImageFolder(str(path), transform=create_transform(**cfg, is_training=False))
+    except FileNotFoundError as exc:
+        raise EdgetokError(f"--data {root}: {exc}") from None
+    return dataset
+
+
+class Predictor:
+    """Logits for a batch of preprocessed images, from ONNX Runtime, PyTorch or an engine."""
+
+    def __init__(self, model: str, batch: int, checkpoint: str | None = None):
+        path = Path(model)
+        if checkpoint and path.suffix in (".onnx", *ENGINE_SUFFIXES):
+            raise EdgetokError("--checkpoint applies to a timm model name, not to an exported file")
+        self.kind = "onnx" if path.suffix == ".onnx" else "engine" if path.suffix in ENGINE_SUFFIXES else "torch"
+        if self.kind == "onnx":
+            from edgetok.onnx.validate import ort_session
+
+            if not path.is_file():
+                raise EdgetokError(f"{model} does not exist")
+            self.session = ort_session(model)
+            self.input = self.session.get_inputs()[0].name
+        elif self.kind == "engine":
+            from edgetok.profile.runners import TensorRTEngineRunner, engine_backend
+
+            self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
+        else:
+            from edgetok.vit.loading import load_vit
+
+            self.module = load_vit(model, checkpoint).module
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self.kind == "onnx":
+            return self.session.run(None, {self.input: images})[0]
+        if self.kind == "engine":
+            return next(iter(self.runner.run({self.runner.inputs[0]: images}).values()))
+        import torch
+
+        with torch.no_grad():
+            return self.module(torch.from_numpy(images)).numpy()
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
+    """Top-1 agreement, and mean KL(reference ‖ model) of the softmax distributions, in nats."""
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    lp, lq = log_softmax(reference), log_softmax(logits)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    return {"top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()), "mean_kl": float(kl.mean())}
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    data: str
+    batch: int = 64
+    reference: str | None = None
+    write_sidecar: bool = True
+    checkpoint: str | None = None  # weights for a timm name
+
+
+def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = None) -> dict:
+    import torch
+
+    if opts.batch < 1:
+        raise EdgetokError(f"--batch {opts.batch} must be >= 1")
+    dataset = image_folder(opts.data, preprocessing_for(opts.model, opts.checkpoint))
+    if len(dataset) == 0:
+        raise EdgetokError(f"--data {opts.data} has class folders but no images")
+    predictor = Predictor(opts.model, opts.batch, opts.checkpoint)
+    reference = Predictor(opts.reference, opts.batch) if opts.reference else None
+    logits, ref_logits, labels = [], [], []
+    done = 0
+    for start in range(0, len(dataset), opts.batch):
+        items = []
+        for i in range(start, min(start + opts.batch, len(dataset))):
+            try:
+                items.append(dataset[i])
+            except Exception as exc:  # PIL's errors for a broken file
+                raise EdgetokError(f"cannot read image {dataset.samples[i][0]}: {str(exc).splitlines()[0]}") from None
+        images = torch.stack([x for x, _ in items]).numpy()
+        labels += [y for _, y in items]
+        logits.append(predictor(images))
+        if reference:
+            ref_logits.append(reference(images))
+        done += len(items)
+        if progress:
+            progress(done, len(dataset))
+    logits = np.concatenate(logits)
+    labels = np.array(labels)
+    if logits.shape[1] < len(dataset.classes):
+        raise EdgetokError(f"the model has {logits.shape[1]} outputs but --data has {len(dataset.classes)} classes")
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    result = {
+        "dataset": str(Path(opts.data).resolve()),
+        "samples": int(len(labels)),
+        "classes": len(dataset.classes),
+        "top1": float((logits.argmax(1) == labels).mean()),
+        "top5": float((top5 == labels[:, None]).any(axis=1).mean()) if logits.shape[1] >= 5 else None,
+    }
+    if reference:
+        result["reference"] = {"model": opts.reference, **agreement(logits, np.concatenate(ref_logits))}
+    if opts.write_sidecar and Path(opts.model).suffix == ".onnx":
+        side = sidecar.read(opts.model)
+        side["accuracy"] = result
+        sidecar.write(sidecar.sidecar_path(opts.model), side)
+    return result

@@ -1,0 +1,193 @@
+"""Speculative decoding: KV-cache decoders equal to PyTorch, lossless greedy and sampled generation."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
+
+from edgetok.cli import main
+from edgetok.llm.pair import MANIFEST, export_pair
+from edgetok.llm.runtime import generate, generate_speculative, generate_target, open_pair
+
+SHIPPED = Path(__file__).parents[1] / "edgetok" / "assets" / "spec_pair"
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128)
+
+
+def save_config(folder: Path, cls=LlamaConfig, **kw) -> Path:
+    cls(**{**SMALL, **kw}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_pairs(tmp_path_factory):
+    """Target (3 layers, untied head) with three drafts: layer-skip, itself, and its negated head."""
+    root = tmp_path_factory.mktemp("llm")
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(LlamaConfig(**SMALL, num_hidden_layers=3, tie_word_embeddings=False))
+    target.save_pretrained(root / "target")
+    contrary = LlamaForCausalLM(target.config)
+    contrary.load_state_dict(target.state_dict())
+    with torch.no_grad():
+        contrary.lm_head.weight.neg_()  # its argmax is the target's argmin: every proposal is rejected
+    contrary.save_pretrained(root / "contrary")
+    pairs = {}
+    for name, draft in [("layer_skip", "layer-skip:1"), ("same", str(root / "target")),
+                        ("contrary", str(root / "contrary"))]:
+        export_pair(str(root / "target"), draft, str(root / f"pair_{name}"))
+        pairs[name] = root / f"pair_{name}"
+    return pairs
+
+
+@pytest.mark.parametrize("arch", [LlamaConfig, Qwen2Config], ids=["llama", "qwen2"])
+def test_export_checks_every_phase_for_two_architectures(tmp_path, arch):
+    save_config(tmp_path / "t", arch, num_hidden_layers=2)
+    save_config(tmp_path / "d", arch, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                num_key_value_heads=1)
+    manifest = export_pair(str(tmp_path / "t"), str(tmp_path / "d"), str(tmp_path / "pair"))
+    for role in ("target", "draft"):
+        checks = manifest[role]["validation"]["max_abs_diff"]
+        assert set(checks) == {"prefill", "decode", "verify_k+1", "crop_and_continue", "other_shapes"}
+        assert max(checks.values()) < 1e-5
+    on_disk = json.loads((tmp_path / "pair" / MANIFEST).read_text())
+    assert on_disk["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert on_disk["outputs"]["present_value_names"] == "present.%d.value"
+    assert on_disk["draft"]["head_size"] == 8 and on_disk["target"]["num_key_value_heads"] == 2
+    assert on_disk["max_length"] == 128 and on_disk["vocab_size"] == 96
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "pair" / "target" / "model.onnx")).graph
+    names = [i.name for i in graph.input]
+    assert names[:5] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                         "past_key_values.0.value"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["past_key_values.1.value"] == ["batch", 2, "past_sequence", 8]
+    assert dims["attention_mask"] == ["batch", "total_sequence"]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("draft", ["layer_skip", "same", "contrary"])
+def test_greedy_speculative_equals_target_only(llama_pairs, draft, k):
+    _, target, drafter = open_pair(str(llama_pairs[draft]))
+    prompt = [5, 17, 3, 88, 41]
+    want = generate_target(target, prompt, 30).tokens
+    got = generate_speculative(target, drafter, prompt, 30, k)
+    assert got.tokens == want
+    if draft == "same":  # every proposal accepted; each round also yields the target's bonus token
+        assert got.accepted == got.proposed and all(n == k for n in got.accepted_per_round[:-1])
+    if draft == "contrary":  # every proposal rejected; each round still yields the target's own token
+        assert got.accepted == 0 and got.rounds == 30
+
+
+@pytest.mark.skipif(not (SHIPPED / "target" / "config.json").is_file(), reason="the shipped pair is exported by tools/train_spec_pair.py")
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_shipped_pair_greedy_is_lossless(tmp_path_factory, k):
+    pair = tmp_path_factory.getbasetemp() / "shipped_pair"
+    if not pair.exists():
+        export_pair(str(SHIPPED / "target"), str(SHIPPED / "draft"), str(pair))
+    for prompt in ["import os\n\n\ndef main(", "class Parser:\n    def __init__(self"]:
+        a = generate(str(pair), prompt=prompt, max_new_tokens=48, mode="target")
+        b = generate(str(pair), prompt=prompt, max_new_tokens=48, mode="speculative", k=k)
+        assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+        assert b["mean_tokens_per_round"] > 1.5  # a trained draft agrees often (a random one gives 1.0)
+
+
+class Bigram:
+    """A stand-in decoder whose next-token logits depend on the previous token only (exact p known)."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+        self.reset()
+
+    def reset(self):
+        self.seq, self.calls = [], 0
+
+    @property
+    def length(self):
+        return len(self.seq)
+
+    def feed(self, tokens):
+        self.seq += tokens
+        self.calls += 1
+        return np.stack([self.table[t] for t in tokens])
+
+    def crop(self, n):
+        self.seq = self.seq[:n]
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    rng = np.random.default_rng(0)
+    vocab = 4
+    target = Bigram(np.log(rng.dirichlet(np.ones(vocab), vocab)))
+    draft = Bigram(np.log(rng.dirichlet(np.ones(vocab) * 0.5, vocab)))  # a clearly different proposal
+    p = np.exp(target.table)
+    exact = np.array([[p[0, a] * p[a, b] for b in range(vocab)] for a in range(vocab)]).ravel()  # after token 0
+    counts = np.zeros(vocab * vocab)
+    n = 6000
+    for seed in range(n):
+        tokens = generate_speculative(target, draft, [0], 2, k=2, temperature=1.0, seed=seed).tokens
+        counts[tokens[0] * vocab + tokens[1]] += 1
+    chi2 = (((counts - n * exact) ** 2) / (n * exact)).sum()
+    assert chi2 < 37.7  # chi-square, 15 degrees of freedom, p = 0.001
+    # The draft alone would be told apart at once.
+    q = np.exp(draft.table)
+    draft_only = np.array([[q[0, a] * q[a, b] for b in range(vocab)] for a in range(vocab)]).ravel()
+    assert (((n * draft_only - n * exact) ** 2) / (n * exact)).sum() > 1000
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_bad_inputs(capsys, tmp_path, llama_pairs):
+    save_config(tmp_path / "t", num_hidden_layers=2)
+    save_config(tmp_path / "other_vocab", num_hidden_layers=1, vocab_size=100)
+    cases = [
+        (["export", "spec-pair", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "other_vocab"), "-o",
+          str(tmp_path / "p1")], ["vocab_size 100", "96"]),
+        (["export", "spec-pair", "--target", str(tmp_path / "missing"), "--draft", "layer-skip:1", "-o",
+          str(tmp_path / "p2")], ["missing", "does not exist"]),
+        (["export", "spec-pair", "--target", str(tmp_path / "t"), "--draft", "layer-skip:5", "-o",
+          str(tmp_path / "p3")], ["layer-skip:5"]),
+        (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,2", "--k", "0"], ["--k 0"]),
+        (["generate", str(llama_pairs["same"]), "--prompt-ids", ",".join(["1"] * 120), "--max-new-tokens", "20"],
+         ["120 tokens", "max length 128"]),
+        (["generate", str(llama_pairs["same"]), "--prompt", "hello"], ["no tokenizer", "--prompt-ids"]),
+        (["generate", str(tmp_path / "nowhere"), "--prompt-ids", "1"], ["nowhere", "does not exist"]),
+        (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,999"], ["999", "vocabulary"]),
+    ]
+    for args, needles in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, *needles)
+    assert not any((tmp_path / p).exists() for p in ("p1", "p2", "p3"))
+
+
+def test_generate_and_pair_profile_cli(capsys, tmp_path, llama_pairs):
+    code, out, err = run_cli(capsys, "generate", str(llama_pairs["same"]), "--prompt-ids", "1,2,3",
+                             "--max-new-tokens", "12", "--k", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["new_tokens"] == 12 and result["acceptance_rate"] == 1.0
+    code, out, err = run_cli(capsys, "profile", str(llama_pairs["layer_skip"]), "--pair", "--k", "3",
+                             "--max-new-tokens", "16", "-o", str(tmp_path / "prof"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "prof" / "pair_profile.json").read_text())
+    assert report["greedy_outputs_identical"] is True
+    spec = report["speculative"]
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["speedup"] > 0
+    assert spec["mean_tokens_per_round"] == pytest.approx(1 + spec["mean_accepted_per_round"], rel=0.05)
+    assert report["target_only"]["prefill_tokens_per_s"] > 0 and report["memory"]["peak_rss_mb"] > 0
+    assert "| speculative k=3 |" in out
