@@ -191,3 +191,18 @@ def test_generate_and_pair_profile_cli(capsys, tmp_path, llama_pairs):
     assert spec["mean_tokens_per_round"] == pytest.approx(1 + spec["mean_accepted_per_round"], rel=0.05)
     assert report["target_only"]["prefill_tokens_per_s"] > 0 and report["memory"]["peak_rss_mb"] > 0
     assert "| speculative k=3 |" in out
+
+
+def test_pair_with_other_tokenizer_of_same_size_is_refused(capsys, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    for name, prefix in [("t", "a"), ("d", "b")]:
+        save_config(tmp_path / name, num_hidden_layers=1)
+        vocab = {f"{prefix}{i}": i for i in range(96)}
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=f"{prefix}0")))
+        tok.save_pretrained(tmp_path / name)
+    code, out, err = run_cli(capsys, "export", "spec-pair", "--target", str(tmp_path / "t"), "--draft",
+                             str(tmp_path / "d"), "-o", str(tmp_path / "pair"))
+    assert_one_line_error(code, err, "different tokenizers")
+    assert not (tmp_path / "pair").exists()
