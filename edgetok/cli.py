@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from edgetok import __version__, recipe as recipes
+from edgetok import __version__
+from edgetok import recipe as recipes
 from edgetok.errors import EdgetokError
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from cli_assertions import assert_one_line_error, run_cli
 from onnx import TensorProto, helper
 
-from edgetok.cli import main
 from edgetok.vit.export import ViTExportOptions, export_vit
 
 pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is installed by tools/setup.sh")
@@ -26,20 +26,6 @@ def exported(tmp_path_factory):
     return {name: export_vit(ViTExportOptions(model="deit_tiny_patch16_224", output=str(root / f"{name}.onnx"),
                                               **opts))["path"]
             for name, opts in EXPORTS.items()}
-
-
-def run_cli(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in last, last
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

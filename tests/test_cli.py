@@ -9,29 +9,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
-from edgetok.cli import main
+from cli_assertions import assert_one_line_error, run_cli
 
 
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run_cli(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
-    assert all(not line.startswith("error") for line in lines[:-1]), err
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 def files_written(root: Path):

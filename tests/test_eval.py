@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_assertions import assert_one_line_error, run_cli
 
-from edgetok.cli import main
 from edgetok.vit import digits
 from edgetok.vit.evaluate import EvalOptions, agreement, evaluate
 from edgetok.vit.export import ViTExportOptions, export_vit
@@ -67,20 +67,6 @@ def test_agreement_on_a_hand_built_example():
     kl2 = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)  # p = (1/2, 1/2), q = (3/4, 1/4)
     assert got["mean_kl"] == pytest.approx((kl1 + kl2) / 2, abs=1e-12)
     assert agreement(np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]]))["top1_agreement"] == 0.0
-
-
-def run_cli(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in last, last
 
 
 def test_bad_folders(capsys, tmp_path, exported):

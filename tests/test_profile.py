@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_assertions import assert_one_line_error, run_cli
 
-from edgetok.cli import main
 from edgetok.profile.profiler import ProfileOptions, profile, write_reports
 from edgetok.profile.stats import summarize, warnings_for
 from edgetok.vit.export import ViTExportOptions, export_vit
@@ -22,12 +22,6 @@ def onnx_pair(tmp_path_factory):
         paths[name] = export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=96,
                                                   output=str(root / f"{name}.onnx"), **opts))["path"]
     return paths
-
-
-def run_cli(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_summary_statistics_match_numpy_and_warn_like_trtexec():
@@ -119,14 +113,6 @@ def _fake_engine(tmp_path, backend="tensorrt-rtx"):
     Path(f"{engine}.build.json").write_text(json.dumps({"backend": {"name": backend}, "precision": "fp16",
                                                        "profiles": [[{"opt": [4, 3, 224, 224]}]]}))
     return engine
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in last, last
 
 
 def test_bad_inputs(capsys, tmp_path, onnx_pair):

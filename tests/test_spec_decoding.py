@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_assertions import assert_one_line_error, run_cli
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-from edgetok.cli import main
 from edgetok.llm.pair import MANIFEST, export_pair
 from edgetok.llm.runtime import generate, generate_speculative, generate_target, open_pair
 
@@ -136,20 +136,6 @@ def test_rejection_sampling_preserves_the_target_distribution():
     q = np.exp(draft.table)
     draft_only = np.array([[q[0, a] * q[a, b] for b in range(vocab)] for a in range(vocab)]).ravel()
     assert (((n * draft_only - n * exact) ** 2) / (n * exact)).sum() > 1000
-
-
-def run_cli(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in last, last
 
 
 def test_bad_inputs(capsys, tmp_path, llama_pairs):

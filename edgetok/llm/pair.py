@@ -11,8 +11,17 @@ from typing import Callable
 
 from edgetok import atomic, sidecar
 from edgetok.errors import EdgetokError
-from edgetok.llm.decoder import (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, CausalLM, check_decoder,
-                                 export_decoder, layer_skip, load_causal_lm)
+from edgetok.llm.decoder import (
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    CausalLM,
+    check_decoder,
+    export_decoder,
+    layer_skip,
+    load_causal_lm,
+)
 
 MANIFEST = "edgetok_pair.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
