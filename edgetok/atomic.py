@@ -27,12 +27,16 @@ def write_text(path: str | Path, text: str) -> None:
 def staging_dir(final: str | Path):
     """A scratch folder beside ``final`` (same filesystem, so renames are atomic), removed after."""
     final = Path(final)
+    missing = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in missing:  # folders made for an output that never appeared
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def publish(staged: Path, final_dir: Path) -> list[Path]:

@@ -84,8 +84,8 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
 @cli.command("build-engine")
 @click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL.<backend>.<precision>.engine).")
-@click.option("--backend", default="auto", show_default=True, help="auto, tensorrt or tensorrt-rtx.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
+@click.option("--backend", help="auto (default), tensorrt or tensorrt-rtx.")
+@click.option("--precision", help="fp32 (default), fp16 or bf16.")
 @click.option("--batch", help="Batch profile MIN:OPT:MAX (default: from the export sidecar).")
 @click.option("--shapes", multiple=True, help="Per-input profile name:MIN:OPT:MAX, shapes like 8x3x224x224.")
 @click.option("--workspace", type=int, help="Workspace limit in MiB.")
@@ -104,6 +104,7 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
     values = dict(output=output, backend=backend, precision=precision, batch=batch, shapes=list(shapes),
                   workspace=workspace, opt_level=opt_level, targets=parse_targets(list(targets)),
                   timing_cache=timing_cache, plugins=list(plugins), dla_core=dla_core)
+    values = {k: v for k, v in values.items() if v not in (None, [])}  # what the command line set
     if recipe:
         if model:
             raise EdgetokError("give either MODEL or --recipe, not both")
@@ -129,11 +130,7 @@ def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
         if "build" in data else {}
     if "targets" in build:
         build["targets"] = parse_targets(build["targets"] if isinstance(build["targets"], list) else [build["targets"]])
-    defaults = BuildOptions(onnx="")
-    merged = dict(build)
-    for key, value in cli_values.items():  # flags given on the command line win over the recipe
-        if value != getattr(defaults, key) and value not in (None, []):
-            merged[key] = value
+    merged = {**build, **cli_values}  # flags given on the command line win over the recipe
     if not onnx_path.is_file():
         _say(f"{onnx_path} is missing: exporting recipe {name} first")
         click.echo(summary_export(export_vit(export_opts, _say)))
@@ -148,18 +145,17 @@ def summary_export(data: dict) -> str:
 
 @cli.command("profile")
 @click.argument("models", nargs=-1)
-@click.option("--backend", default="auto", show_default=True,
-              help="auto (by file type), onnxruntime, tensorrt, tensorrt-rtx or torch.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or jetson.")
+@click.option("--backend", help="auto (default: by file type), onnxruntime, tensorrt, tensorrt-rtx or torch.")
+@click.option("--device", help="cpu (default), cuda or jetson.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-rtx"]),
               help="ONNX Runtime execution provider (default: cpu, or cuda on a GPU device).")
 @click.option("--batch", type=int, help="Batch size (default: 1, or the engine's opt profile).")
 @click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input (default: random, seeded).")
-@click.option("--warmup", type=float, default=200, show_default=True, help="Warm-up time in ms.")
-@click.option("--duration", type=float, default=3.0, show_default=True, help="Timed seconds per model (at least).")
-@click.option("--iterations", type=int, default=10, show_default=True, help="Timed iterations per model (at least).")
-@click.option("--rounds", type=int, default=1, show_default=True, help="Interleave models over this many rounds.")
-@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--warmup", type=float, help="Warm-up time in ms (default 200).")
+@click.option("--duration", type=float, help="Timed seconds per model, at least (default 3).")
+@click.option("--iterations", type=int, help="Timed iterations per model, at least (default 10).")
+@click.option("--rounds", type=int, help="Interleave models over this many rounds (default 1).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: all cores).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="GPU runners: replay inference as a CUDA graph.")
 @click.option("--data-transfers/--no-data-transfers", default=None, help="Engines: time H2D/D2H copies (trtexec default by version).")
 @click.option("--recipe", help="Profile a recipe's export (or its profile.sweep variants), exporting what is missing.")
@@ -179,22 +175,25 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     if pair:
         _profile_pair(models, k, adaptive_k, max_new_tokens, device, Path(output_dir), report_json)
         return
-
+    given = {"backend": backend, "device": device, "batch": batch, "warmup_ms": warmup, "duration_s": duration,
+             "iterations": iterations, "rounds": rounds, "threads": threads}
+    given = {key: value for key, value in given.items() if value is not None}  # what the command line set
     labels: list[str] = []
     if recipe:
         if models:
             raise EdgetokError("give either MODELS or --recipe, not both")
         models, labels, prof = _recipe_models(recipe)
-        batch = batch or prof.get("batch")
-        rounds = rounds if rounds != 1 else prof.get("rounds", 1)
-        duration = prof.get("duration", duration)
+        renamed = {"duration": "duration_s", "warmup": "warmup_ms"}
+        given = {**{renamed.get(key, key): value for key, value in prof.items()}, **given}  # flags win
+    opts = ProfileOptions(models=list(models), ep=ep, inputs=inputs, cuda_graphs=cuda_graphs,
+                          data_transfers=data_transfers, labels=labels, **given)
     if host:
         from edgetok.profile.remote import run_remote
 
-        device = "jetson" if device == "cpu" else device
-        args = ["--backend", backend, "--device", device, "--warmup", str(warmup), "--duration", str(duration),
-                "--iterations", str(iterations), "--threads", str(threads)]
-        args += ["--batch", str(batch)] if batch else []
+        device = "jetson" if "device" not in given else opts.device
+        args = ["--backend", opts.backend, "--device", device, "--warmup", str(opts.warmup_ms), "--duration",
+                str(opts.duration_s), "--iterations", str(opts.iterations), "--threads", str(opts.threads)]
+        args += ["--batch", str(opts.batch)] if opts.batch else []
         args += ["--ep", ep] if ep else []
         args += [] if cuda_graphs is None else ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
         args += [] if data_transfers is None else ["--data-transfers" if data_transfers else "--no-data-transfers"]
@@ -203,10 +202,7 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
                 raise EdgetokError(f"{m} does not exist")
         result = run_remote(host, [Path(m) for m in models], args)
     else:
-        opts = ProfileOptions(models=list(models), backend=backend, device=device, ep=ep, batch=batch, inputs=inputs,
-                              warmup_ms=warmup, duration_s=duration, iterations=iterations, rounds=rounds,
-                              threads=threads, cuda_graphs=cuda_graphs, data_transfers=data_transfers, labels=labels)
-        result = _with_progress(lambda tick: profile(opts, tick), len(models) * duration)
+        result = _with_progress(lambda tick: profile(opts, tick), len(models) * opts.duration_s)
     paths = write_reports(result, Path(output_dir))
     if report_json:
         from edgetok import sidecar
@@ -224,7 +220,7 @@ def _profile_pair(models, k, adaptive_k, max_new_tokens, device, out_dir: Path, 
         raise EdgetokError("--pair profiles one pair folder (from `edgetok export spec-pair`)")
     if k < 1:
         raise EdgetokError(f"--k {k} must be >= 1")
-    dev = "cuda" if device == "cuda" else "cpu"
+    dev = "cuda" if device == "cuda" else "cpu"  # both models on one device here; generate can split them
     report = profile_pair(models[0], k, max_new_tokens, adaptive_k=adaptive_k, draft_device=dev, target_device=dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar.write(out_dir / "pair_profile.json", report)

@@ -111,6 +111,9 @@ BAD = {
     "shapes_unknown_input": (["{dense}", "--shapes", "images:1x3x224x224:1x3x224x224:1x3x224x224"],
                              ["images", "pixel_values"]),
     "opt_level_out_of_range": (["{dense}", "--opt-level", "9"], ["--opt-level"]),
+    "shapes_wrong_rank": (["{dense}", "--shapes", "pixel_values:1:8:32"], ["4 dimensions", "1x3x224x224"]),
+    "negative_workspace": (["{dense}", "--backend", "tensorrt-rtx", "--workspace", "-5"], ["--workspace -5"]),
+    "a_folder": (["{folder}"], ["is a folder"]),
 }
 
 
@@ -118,7 +121,7 @@ BAD = {
 def test_bad_input(capsys, tmp_path, exported, case):
     (tmp_path / "junk.onnx").write_text("hello")
     args, needles = BAD[case]
-    args = [a.format(dense=exported["dense"], junk=tmp_path / "junk.onnx") for a in args]
+    args = [a.format(dense=exported["dense"], junk=tmp_path / "junk.onnx", folder=tmp_path) for a in args]
     before = sorted(Path(exported["dense"]).parent.iterdir())
     code, out, err = run_cli(capsys, "build-engine", *args)
     assert_one_line_error(code, err, *needles)
@@ -137,3 +140,7 @@ def test_recipe_exports_then_builds(capsys, tmp_path, monkeypatch):
         "t.edgetok.json", "t.onnx", "t.tensorrt-rtx.fp16.engine", "t.tensorrt-rtx.fp16.engine.build.json"]
     report = json.loads(Path("out/t.tensorrt-rtx.fp16.engine.build.json").read_text())
     assert report["targets"] == ["sm89"] and report["profiles"][0][0]["max"] == [4, 3, 96, 96]
+    # A flag on the command line wins over the recipe's build: section, even when it names the default.
+    code, out, err = run_cli(capsys, "build-engine", "--recipe", "r.yaml", "--precision", "fp32", "-o", "out/f.engine")
+    assert code == 0, err
+    assert json.loads(Path("out/f.engine.build.json").read_text())["precision"] == "fp32"

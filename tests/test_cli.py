@@ -84,6 +84,15 @@ BAD_INPUTS = {
     "unknown_recipe": (["export", "--recipe", "no_such_recipe"], ["no_such_recipe", "deit_small_tome_r13", "default"]),
     "tome_without_r": (["export", "vit", TINY, "--method", "tome"], ["--r"]),
     "bad_output_suffix": (["export", "vit", TINY, "-o", "model.trt"], ["model.trt", ".onnx"]),
+    "img_size_zero": (["export", "vit", TINY, "--img-size", "0"], ["--img-size 0"]),
+    "evit_option_for_tome": (["export", "vit", TINY, "--method", "tome", "--r", "4", "--keep-rate", "0.5"],
+                             ["--keep-rate", "EViT"]),
+    "tome_option_for_evit": (["export", "vit", TINY, "--method", "evit", "--keep-rate", "0.5", "--r", "4"], ["--r"]),
+    "empty_keep_layers": (["export", "vit", TINY, "--method", "evit", "--keep-rate", "0.5", "--keep-layers", ""],
+                          ["--keep-layers is empty"]),
+    "r_schedule_float": (["export", "vit", TINY, "--method", "tome", "--r-schedule", "1.5"], ["'1.5'"]),
+    "r_schedule_long_tuple": (["export", "vit", TINY, "--method", "tome", "--r-schedule", "(8,-1,3)"], ["(r, inflect)"]),
+    "opset_too_new": (["export", "vit", TINY, "--opset", "99", "-o", "new/dir/m.onnx"], ["--opset 99"]),
 }
 
 
@@ -92,7 +101,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(capsys, in_tmp, case):
     args, needles = BAD_INPUTS[case]
     code, out, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, *needles)
-    assert not (in_tmp / "edgetok-out").exists() and not list(in_tmp.glob("*.onnx"))
+    assert not (in_tmp / "edgetok-out").exists() and not list(in_tmp.glob("*.onnx")) and not (in_tmp / "new").exists()
 
 
 def test_unreadable_checkpoint(capsys, in_tmp):

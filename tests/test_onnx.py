@@ -119,3 +119,14 @@ def test_per_tensor_external_data_is_consolidated_into_one_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     result = compare_with_torch(str(path), vit.module, torch.randn(2, 3, 96, 96))
     assert result.passed and result.max_abs_diff < 1e-4
+
+
+def test_validation_fails_on_non_finite_outputs(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * float("nan")
+
+    path = tmp_path / "nan.onnx"
+    export_module(Broken(), torch.randn(1, 3, 8, 8), path, "pixel_values", ["logits"])
+    result = compare_with_torch(str(path), Broken(), torch.randn(2, 3, 8, 8))
+    assert not result.passed

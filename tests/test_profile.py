@@ -99,8 +99,9 @@ def test_recipe_sweep_exports_and_profiles_each_variant(capsys, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     Path("s.yaml").write_text("export:\n  model: deit_tiny_patch16_224\n  method: tome\n  img_size: 64\n"
                               "  output: m/t.onnx\nprofile:\n  sweep:\n    r: [0, 4]\n  duration: 0.2\n")
-    code, out, err = run_cli(capsys, "profile", "--recipe", "s.yaml", "--warmup", "10")
+    code, out, err = run_cli(capsys, "profile", "--recipe", "s.yaml", "--warmup", "10", "--duration", "0.3")
     assert code == 0, err
+    assert json.loads(Path("edgetok-out/profile/profile.json").read_text())["settings"]["duration_s"] == 0.3
     assert sorted(p.name for p in Path("m").glob("*.onnx")) == ["t_r0.onnx", "t_r4.onnx"]
     report = json.loads(Path("edgetok-out/profile/profile.json").read_text())
     assert [r["name"] for r in report["comparison"]] == ["r=0", "r=4"]
@@ -127,6 +128,8 @@ def test_bad_inputs(capsys, tmp_path, onnx_pair):
         (["profile", onnx_pair["dense"], "--device", "cuda"], ["CUDAExecutionProvider", "onnxruntime-gpu"]),
         (["profile", onnx_pair["dense"], "--inputs", str(tmp_path / "none.npz")], ["none.npz"]),
         (["profile"], ["at least one model"]),
+        (["profile", onnx_pair["dense"], "--duration", "nan"], ["--duration nan"]),
+        (["profile", onnx_pair["dense"], "--threads", "-3"], ["--threads -3"]),
     ]
     for args, needles in cases:
         code, out, err = run_cli(capsys, *args, "-o", str(tmp_path / "never"))

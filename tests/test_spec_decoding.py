@@ -141,6 +141,8 @@ def test_rejection_sampling_preserves_the_target_distribution():
 def test_bad_inputs(capsys, tmp_path, llama_pairs):
     save_config(tmp_path / "t", num_hidden_layers=2)
     save_config(tmp_path / "other_vocab", num_hidden_layers=1, vocab_size=100)
+    (tmp_path / "broken_pair").mkdir()
+    (tmp_path / "broken_pair" / MANIFEST).write_text("{not json")
     cases = [
         (["export", "spec-pair", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "other_vocab"), "-o",
           str(tmp_path / "p1")], ["vocab_size 100", "96"]),
@@ -154,6 +156,8 @@ def test_bad_inputs(capsys, tmp_path, llama_pairs):
         (["generate", str(llama_pairs["same"]), "--prompt", "hello"], ["no tokenizer", "--prompt-ids"]),
         (["generate", str(tmp_path / "nowhere"), "--prompt-ids", "1"], ["nowhere", "does not exist"]),
         (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,999"], ["999", "vocabulary"]),
+        (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,2", "--temperature", "nan"], ["--temperature nan"]),
+        (["generate", str(tmp_path / "broken_pair"), "--prompt-ids", "1"], ["not valid JSON"]),
     ]
     for args, needles in cases:
         code, out, err = run_cli(capsys, *args)
@@ -192,3 +196,11 @@ def test_pair_with_other_tokenizer_of_same_size_is_refused(capsys, tmp_path):
                              str(tmp_path / "d"), "-o", str(tmp_path / "pair"))
     assert_one_line_error(code, err, "different tokenizers")
     assert not (tmp_path / "pair").exists()
+
+
+def test_proposals_cut_by_eos_are_not_counted_as_accepted():
+    table = np.full((4, 4), -10.0)
+    table[0, 1] = table[1, 2] = table[2, 3] = table[3, 0] = 0.0  # both models: 0 -> 1 -> 2 -> 3 -> 0
+    gen = generate_speculative(Bigram(table), Bigram(table.copy()), [0], 10, k=8, eos=2)
+    assert gen.tokens == [1, 2]  # stops at EOS
+    assert gen.accepted == 2 and gen.proposed == 8  # 8 proposed, only the 2 emitted count

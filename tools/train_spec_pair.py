@@ -1,7 +1,7 @@
 """Train the shipped speculative-decoding pair: a byte-level Llama target and a much smaller draft on the
 Python standard library sources (present on every machine with Python), saved as Hugging Face folders.
 
-    .venv/bin/python tools/train_spec_pair.py --out edgetok/assets/spec_pair [--target-minutes 8 --draft-minutes 3]
+    .venv/bin/python tools/train_spec_pair.py --out edgetok/assets/spec_pair [--target-minutes 9 --draft-minutes 6]
 
 Both models share one byte-level tokenizer (256 byte tokens + <|endoftext|> + <|pad|>), so the pair is
 vocabulary-compatible by construction. Weights are saved in fp16 to keep the folders small; edgetok
@@ -69,7 +69,9 @@ def config(size: str, vocab: int, eos: int, pad: int) -> LlamaConfig:
                        eos_token_id=eos, pad_token_id=pad, bos_token_id=None, **dims)
 
 
-def train(model, data: torch.Tensor, minutes: float, seq: int, batch: int, lr: float, seed: int) -> int:
+def train(model, data: torch.Tensor, minutes: float, seq: int, batch: int, lr: float, seed: int, teacher=None) -> int:
+    """Next-byte cross-entropy; with a teacher, half of the loss is KL(teacher || model) on its
+    distribution (the draft learns to agree with the target, which is what acceptance measures)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
@@ -86,6 +88,11 @@ def train(model, data: torch.Tensor, minutes: float, seq: int, batch: int, lr: f
             group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         logits = model(input_ids=chunk[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        if teacher is not None:
+            with torch.no_grad():
+                target_logp = teacher(input_ids=chunk[:, :-1]).logits.log_softmax(-1)
+            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target_logp, log_target=True, reduction="batchmean")
+            loss = 0.5 * loss + 0.5 * kl / seq
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -113,10 +120,12 @@ def evaluate(model, data: torch.Tensor, seq: int = 256, windows: int = 64) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="edgetok/assets/spec_pair")
-    parser.add_argument("--target-minutes", type=float, default=8.0)
-    parser.add_argument("--draft-minutes", type=float, default=3.0)
+    parser.add_argument("--target-minutes", type=float, default=9.0)
+    parser.add_argument("--draft-minutes", type=float, default=6.0)
     parser.add_argument("--corpus-mb", type=float, default=6.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["target", "draft"], help="Train one model; the draft then distils from "
+                        "the target already in --out.")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -128,18 +137,26 @@ def main() -> None:
     train_data, held_out = data[:split], data[split:]
     print(f"corpus: {len(raw) / 2**20:.1f} MB of standard-library Python ({split} training bytes)")
     eos, pad = tokenizer.convert_tokens_to_ids([EOS, PAD])
-    for name, minutes, lr in [("draft", args.draft_minutes, 3e-3), ("target", args.target_minutes, 2e-3)]:
+    # The target first: the draft is distilled from it.
+    for name, minutes, lr in [("target", args.target_minutes, 2e-3), ("draft", args.draft_minutes, 3e-3)]:
+        if args.only and name != args.only:
+            continue
+        teacher = None
+        if name == "draft":
+            teacher = LlamaForCausalLM.from_pretrained(Path(args.out) / "target", dtype=torch.float32).eval()
         model = LlamaForCausalLM(config(name, len(tokenizer), eos, pad))
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name}: {params / 1e6:.2f} M parameters, training {minutes} min", flush=True)
-        steps = train(model, train_data, minutes, seq=128, batch=32, lr=lr, seed=1)
+        print(f"{name}: {params / 1e6:.2f} M parameters, training {minutes} min"
+              + (" (distilled from the target)" if teacher is not None else ""), flush=True)
+        steps = train(model, train_data, minutes, seq=128, batch=32, lr=lr, seed=1, teacher=teacher)
         loss, acc = evaluate(model, held_out)
         print(f"{name}: {steps} steps, held-out loss {loss:.3f}, next-byte accuracy {acc:.3f}", flush=True)
         folder = Path(args.out) / name
         model.half().save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / "TRAINING.txt").write_text(
-            f"Trained by tools/train_spec_pair.py for {minutes} min ({steps} steps of 32x128 bytes) on "
+            f"Trained by tools/train_spec_pair.py for {minutes} min ({steps} steps of 32x128 bytes"
+            f"{', distilled from the target' if teacher is not None else ''}) on "
             f"{len(raw) / 2**20:.1f} MB of the Python {sysconfig.get_python_version()} standard library.\n"
             f"Held-out loss {loss:.3f}, next-byte accuracy {acc:.3f}.\n")
 

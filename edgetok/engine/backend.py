@@ -46,6 +46,8 @@ class Backend:
 
     def check(self, opts: BuildOptions, version: str | None) -> None:
         """Refuse options this backend cannot honour, before any build starts."""
+        if opts.workspace is not None and opts.workspace < 1:
+            raise EdgetokError(f"--workspace {opts.workspace} must be a positive number of MiB")
         if opts.precision == "bf16" and self.strongly_typed(version):
             raise EdgetokError(
                 f"--precision bf16 with {self.name} {version or ''} needs a bf16 ONNX (strongly typed network), "

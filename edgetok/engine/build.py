@@ -31,6 +31,8 @@ def report_path(engine: str | Path) -> Path:
 
 def _load_onnx(path: str) -> onnx.ModelProto:
     p = Path(path)
+    if p.is_dir():
+        raise EdgetokError(f"{path} is a folder; give an .onnx file (e.g. from `edgetok export`)")
     if not p.is_file():
         raise EdgetokError(f"{path} does not exist; give an .onnx file (e.g. from `edgetok export`)")
     try:
@@ -67,11 +69,12 @@ def resolve_profiles(model: onnx.ModelProto, opts: BuildOptions, side: dict | No
     for name, dims in inputs.items():
         if name in explicit:
             profile = explicit[name]
+            if len(profile.min) != len(dims):
+                raise EdgetokError(f"--shapes {name}: the model's input has {len(dims)} dimensions, e.g. "
+                                   + "x".join(str(d if isinstance(d, int) and d > 0 else 1) for d in dims))
             for i, d in enumerate(dims):
                 if isinstance(d, int) and d > 0 and not profile.min[i] == profile.max[i] == d:
                     raise EdgetokError(f"--shapes {name}: dimension {i} is fixed to {d} in the model")
-            if len(profile.min) != len(dims):
-                raise EdgetokError(f"--shapes {name}: the model's input has {len(dims)} dimensions")
             profiles.append(profile)
             continue
         static = [d for d in dims[1:] if not (isinstance(d, int) and d > 0)]

@@ -127,11 +127,16 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
 
 def read_manifest(folder: str) -> dict:
     path = Path(folder) / MANIFEST
+    if Path(folder).is_file():
+        raise EdgetokError(f"{folder} is a file; give the folder `edgetok export spec-pair` wrote")
     if not Path(folder).is_dir():
         raise EdgetokError(f"{folder} does not exist; export a pair with `edgetok export spec-pair`")
     if not path.is_file():
         raise EdgetokError(f"{folder} has no {MANIFEST}; export it with `edgetok export spec-pair`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgetokError(f"{path} is not valid JSON ({exc}); export the pair again") from None
 
 
 def summary(manifest: dict) -> str:

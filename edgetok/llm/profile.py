@@ -53,7 +53,7 @@ def estimate_speedup(alpha: float, k: int, costs: dict) -> float:
 
 def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: list[str] | None = None,
                  temperature: float = 0.0, adaptive_k: bool = False, draft_device: str = "cpu",
-                 target_device: str = "cpu", draft_threads: int = 0, target_threads: int = 0) -> dict:
+                 target_device: str = "cpu", draft_threads: int = 1, target_threads: int = 0) -> dict:
     manifest, target, draft = open_pair(folder, draft_device, target_device, draft_threads, target_threads)
     if manifest["tokenizer"] is not None:
         ids = [encode_prompt(manifest, folder, p, None) for p in (prompts or DEFAULT_PROMPTS)]
@@ -65,13 +65,13 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
     generate_speculative(target, draft, ids[0], 8, k)
     runs = {"target": [], "speculative": []}
     for p in ids:
-        runs["target"].append(generate_target(target, p, max_new_tokens, temperature, 0, eos))
+        runs["target"].append(generate_target(target, p, max_new_tokens, temperature, 0, eos, manifest.get("max_length")))
         runs["speculative"].append(generate_speculative(target, draft, p, max_new_tokens, k, temperature, 0, eos,
                                                         manifest.get("max_length"), adaptive_k))
     rows = {}
     for mode, gens in runs.items():
         new = sum(len(g.tokens) for g in gens)
-        prompt_tokens = sum(g.prompt_tokens for g in gens)
+        prompt_tokens = sum(g.prompt_tokens - 1 for g in gens)  # the last prompt token is fed by decode
         prefill = sum(g.prefill_s for g in gens)
         decode = sum(g.decode_s for g in gens)
         rows[mode] = {"prefill_ms": prefill / len(gens) * 1e3, "prefill_tokens_per_s": prompt_tokens / prefill,
@@ -85,7 +85,9 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
     spec["speedup"] = spec["decode_tokens_per_s"] / rows["target"]["decode_tokens_per_s"]
     same = all(t.tokens == s.tokens for t, s in zip(runs["target"], runs["speculative"]))
     costs = call_costs(target, draft, k, manifest["vocab_size"])
-    alpha = fitted_alpha(spec["mean_accepted_per_round"], k)
+    # The i.i.d. round model needs rounds that proposed exactly k (not budget-cut last rounds, not adaptive k).
+    full = [a for g in runs["speculative"] for a, n in zip(g.accepted_per_round, g.k_per_round) if n == k]
+    alpha = fitted_alpha(sum(full) / len(full), k) if full and not adaptive_k else None
     kv_bytes = {role: 2 * manifest[role]["num_hidden_layers"] * manifest[role]["num_key_value_heads"] *
                 manifest[role]["head_size"] * 4 * (manifest.get("max_length") or 0) for role in ("target", "draft")}
     return sidecar.stamp({
@@ -99,7 +101,9 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
         "speculative": spec,
         "greedy_outputs_identical": same if temperature == 0 else None,
         "call_costs": costs,
-        "round_model": {"alpha": alpha, "estimated_speedup": estimate_speedup(alpha, k, costs)},
+        "round_model": {"alpha": alpha,
+                        "estimated_speedup": estimate_speedup(alpha, k, costs) if alpha is not None else None,
+                        "note": "not estimated: k adapts" if adaptive_k else None},
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "model_files_mb": {r: (Path(folder) / manifest[r]["file"]).stat().st_size / 2**20
                                       for r in ("target", "draft")},
@@ -120,9 +124,10 @@ def markdown(report: dict) -> str:
              f"{s['speedup']:.2f}x |"]
     est = report["round_model"]
     lines.append("")
-    lines.append(f"round model: alpha {est['alpha']:.2f}, estimated speedup {est['estimated_speedup']:.2f}x; "
-                 f"measured / estimate {s['speedup'] / est['estimated_speedup']:.2f}; peak RSS "
-                 f"{report['memory']['peak_rss_mb']:.0f} MB")
+    if est["estimated_speedup"] is not None:
+        lines.append(f"round model: alpha {est['alpha']:.2f}, estimated speedup {est['estimated_speedup']:.2f}x; "
+                     f"measured / estimate {s['speedup'] / est['estimated_speedup']:.2f}")
+    lines.append(f"peak RSS {report['memory']['peak_rss_mb']:.0f} MB")
     if report["greedy_outputs_identical"] is not None:
         lines.append(f"greedy speculative output identical to target-only: {report['greedy_outputs_identical']}")
     return "\n".join(lines)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +15,20 @@ import torch
 from edgetok.errors import EdgetokError
 
 MIN_OPSET = 17
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """The TorchScript exporter prints its whole graph to the C-level stderr when it fails; hold it back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def export_module(
@@ -23,21 +41,27 @@ def export_module(
 ) -> onnx.ModelProto:
     """Export with the TorchScript-based exporter, which keeps every per-layer token count static
     (TopK/Gather sizes) and only the batch dynamic. Large models get external data automatically."""
-    if opset < MIN_OPSET:
-        raise EdgetokError(f"--opset {opset} is too old: edgetok exports opset {MIN_OPSET} or newer")
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as max_opset
+
+    if not MIN_OPSET <= opset <= max_opset:
+        raise EdgetokError(f"--opset {opset} is out of range: this torch exports opsets {MIN_OPSET} to {max_opset}")
     axes = {name: {0: "batch"} for name in [input_name, *output_names]}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_stderr():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[input_name],
-            output_names=output_names,
-            dynamic_axes=axes,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=output_names,
+                dynamic_axes=axes,
+            )
+        except Exception as exc:  # the exporter's message, without its graph dump
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise EdgetokError(f"torch.onnx.export failed: {reason[:200]}; please report the model and options") from None
     model = onnx.load(str(path), load_external_data=False)
     if uses_external_data(model):
         model = consolidate_external_data(path)

@@ -15,7 +15,9 @@ def rows(models: list[dict]) -> list[dict]:
         median = m["timings_ms"]["latency"]["median"]
         gmacs = (m.get("flops") or {}).get("reduced_gmacs")
         bound = base_gmacs / gmacs if base_gmacs and gmacs else None
-        speedup = base_ms / median
+        # Same batch: ratio of median latencies; different batches: ratio of images per second.
+        speedup = base_ms / median if m["batch"] == base["batch"] else (
+            m["throughput"]["items_per_s"] / base["throughput"]["items_per_s"])
         table.append({
             "name": m["name"],
             "backend": m["runner"]["backend"],
@@ -46,7 +48,7 @@ def markdown(table: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r["name"], r["backend"], str(r["batch"]), r["precision"], _fmt(r["median_ms"], ".2f"),
-                 _fmt(r["p99_ms"], ".2f"), _fmt(r["items_per_s"], ".1f"), _fmt(r["gmacs"], ".2f"),
+                 _fmt(r["p99_ms"], ".2f"), _fmt(r["items_per_s"], ".1f"), _fmt(r["gmacs"], ".3g"),
                  _fmt(r["speedup"], ".2f", "x"), _fmt(r["flops_bound"], ".2f", "x"),
                  _fmt(r["speedup_over_bound"], ".2f")]
         if show_top1:

@@ -44,8 +44,11 @@ def _check(opts: ProfileOptions) -> None:
         raise EdgetokError("give at least one model to profile (.onnx, engine, or a timm name with --backend torch)")
     if opts.device not in DEVICES:
         raise EdgetokError(f"--device {opts.device!r} is unknown; choose {', '.join(DEVICES)}")
-    if opts.duration_s < 0 or opts.iterations < 1 or opts.rounds < 1 or opts.warmup_ms < 0:
-        raise EdgetokError("--duration and --warmup must be >= 0, --iterations and --rounds >= 1")
+    if not (0 <= opts.duration_s < math.inf and 0 <= opts.warmup_ms < math.inf):
+        raise EdgetokError(f"--duration {opts.duration_s} and --warmup {opts.warmup_ms} must be finite and >= 0")
+    if opts.iterations < 1 or opts.rounds < 1 or opts.threads < 0:
+        raise EdgetokError(f"--iterations {opts.iterations} and --rounds {opts.rounds} must be >= 1, "
+                           f"--threads {opts.threads} >= 0 (0: all cores)")
     if opts.batch is not None and opts.batch < 1:
         raise EdgetokError(f"--batch {opts.batch} must be >= 1")
     if opts.device == "jetson":

@@ -58,6 +58,11 @@ def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def write_heldout_folder(out_dir: str | Path) -> dict:
     """The held-out split as an ImageFolder: ``out_dir/<digit>/<index>.png``; written whole or not at all."""
     out_dir = Path(out_dir)
+    blocking = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        from edgetok.errors import EdgetokError
+
+        raise EdgetokError(f"-o {out_dir}: {blocking} is a file, not a folder; choose another output folder")
     images, labels = digit_images()
     _, held = split_indices(len(images))
     with atomic.staging_dir(out_dir) as stage:

@@ -75,6 +75,8 @@ def _load_timm(name: str, checkpoint: str | None, img_size: int | None) -> Loade
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*vit*')"
         raise EdgetokError(f"unknown timm model {name!r}{hint}")
+    if img_size is not None and img_size <= 0:
+        raise EdgetokError(f"--img-size {img_size} must be a positive multiple of the patch size")
     kwargs = {"img_size": img_size} if img_size else {}
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -86,7 +88,7 @@ def _load_timm(name: str, checkpoint: str | None, img_size: int | None) -> Loade
             "ViT-family models (vit_*, deit*, dinov2)"
         )
     patch = model.patch_embed.patch_size[0]
-    size = img_size or model.patch_embed.img_size[0]
+    size = img_size if img_size is not None else model.patch_embed.img_size[0]
     _check_img_size(size, patch, name)
     weights = "random"
     if checkpoint is None and name == digits.NAME and digits.WEIGHTS.is_file():
@@ -181,7 +183,7 @@ def _load_hf(folder: Path, img_size: int | None) -> LoadedViT:
     arch = (config.architectures or ["ViTModel"])[0]
     cls = ViTForImageClassification if arch == "ViTForImageClassification" else ViTModel
     has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
-    size = img_size or config.image_size
+    size = img_size if img_size is not None else config.image_size
     _check_img_size(size, config.patch_size, str(folder))
     if has_weights:
         try:
@@ -200,6 +202,8 @@ def _load_hf(folder: Path, img_size: int | None) -> LoadedViT:
 
         p = json.loads(proc.read_text())
         preprocessing = {k: p[k] for k in ("image_mean", "image_std", "rescale_factor") if k in p}
+        # ViTImageProcessor resizes to the input size without a centre crop; PIL resample 2 is bilinear.
+        preprocessing.update(crop_pct=1.0, interpolation={2: "bilinear", 3: "bicubic"}.get(p.get("resample"), "bilinear"))
     return from_hf(model, str(folder), weights, size, preprocessing)
 
 
@@ -213,7 +217,8 @@ def from_hf(
     config = model.config
     size = img_size or config.image_size
     vit = model.vit if hasattr(model, "vit") else model
-    preprocessing = {"input_size": [config.num_channels, size, size], **(preprocessing or {})}
+    preprocessing = {"input_size": [config.num_channels, size, size], "crop_pct": 1.0, "interpolation": "bilinear",
+                     **(preprocessing or {})}
     classifier = isinstance(model, ViTForImageClassification)
     if classifier:
         outputs = ["logits"]

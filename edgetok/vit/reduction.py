@@ -36,6 +36,12 @@ def make_method(
     """The method object for ``name`` (None for ``none``), from CLI/recipe parameters."""
     if name not in METHODS:
         raise EdgetokError(f"--method {name!r} is unknown; choose one of {', '.join(METHODS)}")
+    if name == "tome" and (keep_rate is not None or keep_layers is not None):
+        raise EdgetokError("--keep-rate/--keep-layers are EViT options; --method tome takes --r or --r-schedule")
+    if name == "evit" and (r is not None or r_schedule is not None):
+        raise EdgetokError("--r/--r-schedule are ToMe options; --method evit takes --keep-rate and --keep-layers")
+    if keep_layers is not None and not keep_layers:
+        raise EdgetokError("--keep-layers is empty; give block indices such as 3,6,9 (or leave it out)")
     if name == "tome":
         if r is not None and r_schedule is not None:
             raise EdgetokError("give --r or --r-schedule, not both")
@@ -48,7 +54,7 @@ def make_method(
         if keep_rate is None:
             raise EdgetokError("--method evit needs --keep-rate F in (0, 1], e.g. 0.7")
         return EViT(keep_rate, default_keep_layers(depth) if keep_layers is None else keep_layers, depth)
-    if r or r_schedule or keep_rate is not None:
+    if r or r_schedule or keep_rate is not None or keep_layers is not None:
         raise EdgetokError("--r/--r-schedule/--keep-rate need --method tome or evit")
     return None
 

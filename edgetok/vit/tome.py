@@ -36,12 +36,18 @@ def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> tuple[list[i
     clamp = not isinstance(value, list)
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value] * depth
+    elif isinstance(value, tuple) and len(value) != 2:
+        raise EdgetokError(f"r schedule {spec!r}: a tuple is (r, inflect), e.g. '(8, -1)'")
     elif isinstance(value, tuple) and len(value) == 2:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise EdgetokError(f"r schedule {spec!r}: (r, inflect) must be numbers, e.g. '(8, -1)'")
         r, inflect = value
         low = int(r * (1.0 - inflect))
         high = 2 * r - low
         step = (high - low) / max(depth - 1, 1)
         value = [int(low + step * i) for i in range(depth)]
+    elif not isinstance(value, (list, tuple)):
+        raise EdgetokError(f"r schedule {spec!r} is not understood: give N, '(N, inflect)' or a list such as '16,16,8'")
     elif isinstance(value, (list, tuple)):
         value = list(value)
         if len(value) > depth:
