@@ -28,11 +28,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--ks", default="1,2,3,4,5,6,7,8")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--target-threads", type=int, default=0, help="0: all cores (the draft always gets 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(Path(tmp) / "pair")
         export_pair(str(SHIPPED / "target"), str(SHIPPED / "draft"), folder)
-        manifest, target, draft = open_pair(folder)
+        manifest, target, draft = open_pair(folder, target_threads=args.target_threads)
         prompts = [encode_prompt(manifest, folder, p, None) for p in DEFAULT_PROMPTS]
         generate_target(target, prompts[0], 16)  # warm-up
         generate_speculative(target, draft, prompts[0], 16, 4)
@@ -44,16 +45,23 @@ def main() -> None:
         base_rate = rate(base)
         print(f"shipped pair (target {manifest['target']['num_hidden_layers']} layers x {manifest['target']['hidden_size']}, "
               f"draft {manifest['draft']['num_hidden_layers']} x {manifest['draft']['hidden_size']}), ONNX Runtime CPU, "
-              f"spinning off, greedy, {len(prompts)} prompts x {args.max_new_tokens} new tokens")
+              f"spinning off, target threads {args.target_threads or 'all'}, draft 1, greedy, {len(prompts)} prompts x "
+              f"{args.max_new_tokens} new tokens")
         print(f"target only: {base_rate:.1f} tok/s")
         print("| k | acceptance | accepted/round | tok/s | speedup | estimate | measured / estimate | lossless |")
         print("|---|---|---|---|---|---|---|---|")
         best = (0.0, None)
         for k in map(int, args.ks.split(",")):
             ratios, rates = [], []
+            calls = {"decode": [], "verify": [], "draft": []}
             for _ in range(args.rounds):
+                mark = len(target.history)
                 plain = rate([generate_target(target, p, args.max_new_tokens) for p in prompts])
+                calls["decode"] += target.history[mark:]
+                mark, draft_mark = len(target.history), len(draft.history)
                 gens = [generate_speculative(target, draft, p, args.max_new_tokens, k) for p in prompts]
+                calls["verify"] += target.history[mark:]
+                calls["draft"] += draft.history[draft_mark:]
                 rates.append(rate(gens))
                 ratios.append(rates[-1] / plain)
             accepted = sum(g.accepted for g in gens)
@@ -61,7 +69,7 @@ def main() -> None:
             acceptance = accepted / sum(g.proposed for g in gens)
             full = [a for g in gens for a, n in zip(g.accepted_per_round, g.k_per_round) if n == k]
             alpha = fitted_alpha(sum(full) / len(full), k)
-            estimate = estimate_speedup(alpha, k, call_costs(target, draft, k, manifest["vocab_size"]))
+            estimate = estimate_speedup(alpha, k, call_costs(calls["decode"], calls["verify"], calls["draft"], k))
             speedup = statistics.median(ratios)
             same = all(g.tokens == b.tokens for g, b in zip(gens, base))
             best = max(best, (speedup, k))

@@ -173,7 +173,7 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
 
     if pair:
-        _profile_pair(models, k, adaptive_k, max_new_tokens, device, Path(output_dir), report_json)
+        _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads or 0, Path(output_dir), report_json)
         return
     given = {"backend": backend, "device": device, "batch": batch, "warmup_ms": warmup, "duration_s": duration,
              "iterations": iterations, "rounds": rounds, "threads": threads}
@@ -212,7 +212,7 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     _say(f"reports: {', '.join(str(p) for p in paths)}")
 
 
-def _profile_pair(models, k, adaptive_k, max_new_tokens, device, out_dir: Path, report_json) -> None:
+def _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads: int, out_dir: Path, report_json) -> None:
     from edgetok import atomic, sidecar
     from edgetok.llm.profile import markdown, profile_pair
 
@@ -221,7 +221,8 @@ def _profile_pair(models, k, adaptive_k, max_new_tokens, device, out_dir: Path, 
     if k < 1:
         raise EdgetokError(f"--k {k} must be >= 1")
     dev = "cuda" if device == "cuda" else "cpu"  # both models on one device here; generate can split them
-    report = profile_pair(models[0], k, max_new_tokens, adaptive_k=adaptive_k, draft_device=dev, target_device=dev)
+    report = profile_pair(models[0], k, max_new_tokens, adaptive_k=adaptive_k, draft_device=dev, target_device=dev,
+                          target_threads=threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar.write(out_dir / "pair_profile.json", report)
     atomic.write_text(out_dir / "pair_profile.md", f"# edgetok pair profile\n\n{markdown(report)}\n")

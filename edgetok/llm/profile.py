@@ -29,19 +29,15 @@ def fitted_alpha(mean_accepted: float, k: int) -> float:
     return (lo + hi) / 2
 
 
-def call_costs(target, draft, k: int, vocab: int, context: int = 64, repeats: int = 20) -> dict:
-    """Median seconds of one target decode (1 token), one target verify (k+1 tokens) and one draft step."""
-    tokens = [int(t) for t in np.random.default_rng(0).integers(0, vocab, context + k + 1)]
-    def timed(model, n):
-        samples = []
-        for _ in range(repeats):
-            model.reset()
-            model.feed(tokens[:context])
-            start = time.perf_counter()
-            model.feed(tokens[context : context + n])
-            samples.append(time.perf_counter() - start)
-        return float(np.median(samples))
-    return {"target_decode_s": timed(target, 1), "target_verify_s": timed(target, k + 1), "draft_step_s": timed(draft, 1)}
+def call_costs(decode_calls, verify_calls, draft_calls, k: int) -> dict:
+    """Median seconds of the calls the generations really made: a target decode (1 token, target-only
+    runs), a target verify (k+1 tokens) and a draft step (1 token), from the decoders' call history."""
+    def median_of(calls, n):
+        times = [s for m, s in calls if m == n]
+        return float(np.median(times)) if times else float("nan")
+
+    return {"target_decode_s": median_of(decode_calls, 1), "target_verify_s": median_of(verify_calls, k + 1),
+            "draft_step_s": median_of(draft_calls, 1)}
 
 
 def estimate_speedup(alpha: float, k: int, costs: dict) -> float:
@@ -64,10 +60,16 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
     generate_target(target, ids[0], 8)  # warm-up both sessions
     generate_speculative(target, draft, ids[0], 8, k)
     runs = {"target": [], "speculative": []}
+    calls = {"decode": [], "verify": [], "draft": []}
     for p in ids:
+        mark = len(target.history)
         runs["target"].append(generate_target(target, p, max_new_tokens, temperature, 0, eos, manifest.get("max_length")))
+        calls["decode"] += target.history[mark:]
+        mark, draft_mark = len(target.history), len(draft.history)
         runs["speculative"].append(generate_speculative(target, draft, p, max_new_tokens, k, temperature, 0, eos,
                                                         manifest.get("max_length"), adaptive_k))
+        calls["verify"] += target.history[mark:]
+        calls["draft"] += draft.history[draft_mark:]
     rows = {}
     for mode, gens in runs.items():
         new = sum(len(g.tokens) for g in gens)
@@ -84,7 +86,7 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
     spec = rows["speculative"]
     spec["speedup"] = spec["decode_tokens_per_s"] / rows["target"]["decode_tokens_per_s"]
     same = all(t.tokens == s.tokens for t, s in zip(runs["target"], runs["speculative"]))
-    costs = call_costs(target, draft, k, manifest["vocab_size"])
+    costs = call_costs(calls["decode"], calls["verify"], calls["draft"], k)
     # The i.i.d. round model needs rounds that proposed exactly k (not budget-cut last rounds, not adaptive k).
     full = [a for g in runs["speculative"] for a, n in zip(g.accepted_per_round, g.k_per_round) if n == k]
     alpha = fitted_alpha(sum(full) / len(full), k) if full and not adaptive_k else None

@@ -42,6 +42,7 @@ class OrtDecoder:
         self.layers, self.kv_heads, self.head = entry["num_hidden_layers"], entry["num_key_value_heads"], entry["head_size"]
         self.device, self.threads = device, threads
         self.names = [o.name for o in self.session.get_outputs()]
+        self.history: list[tuple[int, float]] = []  # (tokens fed, seconds) of every call, kept across resets
         self.reset()
 
     def reset(self) -> None:
@@ -64,8 +65,10 @@ class OrtDecoder:
             inputs[f"past_key_values.{i}.value"] = self.cache[2 * i + 1]
         start = time.perf_counter()
         out = self.session.run(None, inputs)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
         self.calls += 1
+        self.history.append((n, seconds))
         self.cache = out[1:]
         return out[0][0]
 
