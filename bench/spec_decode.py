@@ -10,9 +10,8 @@ the median of the per-round ratios, so drift on a shared machine hits both sides
 
 from __future__ import annotations
 
-import statistics
-
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 

@@ -91,7 +91,8 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
 @click.option("--workspace", type=int, help="Workspace limit in MiB.")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="Builder optimization level 0-5.")
 @click.option("--target", "targets", multiple=True, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89,sm120.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT: timing cache to load/save; RTX: runtime cache for the JIT.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False),
+              help="TensorRT: timing cache to load/save; RTX: runtime cache for the JIT.")
 @click.option("--plugins", multiple=True, help="Plugin library (.so) to load; repeatable.")
 @click.option("--dla-core", type=int, help="Jetson: build for this DLA core (GPU fallback on).")
 @click.option("--recipe", help="Build the ONNX of a recipe's export section with its build: section.")

@@ -4,7 +4,6 @@ memory, and the per-call costs that predict the speedup (round model)."""
 from __future__ import annotations
 
 import resource
-import time
 from pathlib import Path
 
 import numpy as np
