@@ -38,11 +38,16 @@ def write(path: str | Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def load(path: Path, remedy: str) -> dict:
+    """A JSON artifact edgetok wrote; a damaged one is a one-line error saying how to remake it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgetokError(f"{path} is not valid JSON ({exc}); {remedy}") from None
+
+
 def read(artifact: str | Path) -> dict:
     path = sidecar_path(artifact)
     if not path.is_file():
         raise EdgetokError(f"{artifact} has no sidecar {path.name}; export it with `edgetok export`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgetokError(f"sidecar {path} is not valid JSON ({exc}); re-export the model") from None
+    return load(path, "re-export the model")

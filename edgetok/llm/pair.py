@@ -133,10 +133,7 @@ def read_manifest(folder: str) -> dict:
         raise EdgetokError(f"{folder} does not exist; export a pair with `edgetok export spec-pair`")
     if not path.is_file():
         raise EdgetokError(f"{folder} has no {MANIFEST}; export it with `edgetok export spec-pair`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgetokError(f"{path} is not valid JSON ({exc}); export the pair again") from None
+    return sidecar.load(path, "export the pair again")
 
 
 def summary(manifest: dict) -> str:
