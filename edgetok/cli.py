@@ -121,6 +121,7 @@ def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
     """The recipe's export output (exported first if missing) and its build: section under CLI flags."""
     from edgetok.engine.options import BuildOptions, parse_targets
     from edgetok.vit.export import ViTExportOptions, default_output, export_vit
+    from edgetok.vit.export import summary as export_summary
 
     data = recipes.load(name)
     exported = recipes.section(data, "export", ViTExportOptions.fields() | {"kind"}, name)
@@ -134,14 +135,8 @@ def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
     merged = {**build, **cli_values}  # flags given on the command line win over the recipe
     if not onnx_path.is_file():
         _say(f"{onnx_path} is missing: exporting recipe {name} first")
-        click.echo(summary_export(export_vit(export_opts, _say)))
+        click.echo(export_summary(export_vit(export_opts, _say)))
     return str(onnx_path), merged
-
-
-def summary_export(data: dict) -> str:
-    from edgetok.vit.export import summary
-
-    return summary(data)
 
 
 @cli.command("profile")

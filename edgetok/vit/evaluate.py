@@ -15,8 +15,8 @@ from edgetok.errors import EdgetokError
 from edgetok.profile.runners import ENGINE_SUFFIXES
 
 
-def preprocessing_for(model: str, checkpoint: str | None = None) -> dict:
-    """The data config: from the export sidecar (ONNX), the build report (engine) or timm (a name)."""
+def preprocessing_for(model: str) -> dict:
+    """The data config of an exported file: from the export sidecar (ONNX) or the build report (engine)."""
     path = Path(model)
     if path.suffix == ".onnx":
         return sidecar.read(model)["preprocessing"]
@@ -26,9 +26,7 @@ def preprocessing_for(model: str, checkpoint: str | None = None) -> dict:
             raise EdgetokError(f"{model} has no build report with the export's preprocessing; rebuild it with "
                                "`edgetok build-engine` from an edgetok export")
         return json.loads(report.read_text())["export"]["preprocessing"]
-    from edgetok.vit.loading import load_vit
-
-    return load_vit(model, checkpoint).preprocessing
+    raise EdgetokError(f"{model} is not an exported file; timm names get their data config from timm")
 
 
 def image_folder(root: str, data_config: dict):
@@ -68,14 +66,17 @@ class Predictor:
                 raise EdgetokError(f"{model} does not exist")
             self.session = ort_session(model)
             self.input = self.session.get_inputs()[0].name
+            self.preprocessing = preprocessing_for(model)
         elif self.kind == "engine":
             from edgetok.profile.runners import TensorRTEngineRunner, engine_backend
 
+            self.preprocessing = preprocessing_for(model)
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
         else:
             from edgetok.vit.loading import load_vit
 
-            self.module = load_vit(model, checkpoint).module
+            vit = load_vit(model, checkpoint)
+            self.module, self.preprocessing = vit.module, vit.preprocessing
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.kind == "onnx":
@@ -114,10 +115,10 @@ def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = No
 
     if opts.batch < 1:
         raise EdgetokError(f"--batch {opts.batch} must be >= 1")
-    dataset = image_folder(opts.data, preprocessing_for(opts.model, opts.checkpoint))
+    predictor = Predictor(opts.model, opts.batch, opts.checkpoint)
+    dataset = image_folder(opts.data, predictor.preprocessing)
     if len(dataset) == 0:
         raise EdgetokError(f"--data {opts.data} has class folders but no images")
-    predictor = Predictor(opts.model, opts.batch, opts.checkpoint)
     reference = Predictor(opts.reference, opts.batch) if opts.reference else None
     logits, ref_logits, labels = [], [], []
     done = 0
