@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -44,14 +45,13 @@ def export(ctx: click.Context, recipe: str | None) -> None:
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
     name = recipe or recipes.DEFAULT
-    data = recipes.load(name)
+    data = recipes.load(name, _say)
     values = recipes.section(data, "export", ViTExportOptions.fields() | {"kind"}, name)
     kind = values.pop("kind", "vit")
     if kind != "vit":
         raise EdgetokError(f"recipe {name}: export.kind {kind!r} is not supported; use 'vit'")
     if isinstance(values.get("keep_layers"), str):
         values["keep_layers"] = _ints(values["keep_layers"])
-    _say(f"recipe {name}")
     click.echo(summary(export_vit(ViTExportOptions(**values), _say)))
 
 
@@ -96,8 +96,10 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
 @click.option("--plugins", multiple=True, help="Plugin library (.so) to load; repeatable.")
 @click.option("--dla-core", type=int, help="Jetson: build for this DLA core (GPU fallback on).")
 @click.option("--recipe", help="Build the ONNX of a recipe's export section with its build: section.")
+@click.option("--allow-recipe-plugins", is_flag=True,
+              help="Let the recipe's build.plugins load native libraries (otherwise only --plugins does).")
 def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace, opt_level, targets, timing_cache,
-                     plugins, dla_core, recipe) -> None:
+                     plugins, dla_core, recipe, allow_recipe_plugins) -> None:
     """Build a TensorRT or TensorRT-RTX engine from MODEL (.onnx) in a child process."""
     from edgetok.engine.build import build_engine, progress, summary
     from edgetok.engine.options import BuildOptions, parse_targets
@@ -109,34 +111,51 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
     if recipe:
         if model:
             raise EdgetokError("give either MODEL or --recipe, not both")
-        model, values = _recipe_build(recipe, values)
+        model, values = _recipe_build(recipe, values, allow_recipe_plugins)
     elif not model:
         raise EdgetokError("give the ONNX model to build (e.g. edgetok-out/model.onnx) or --recipe NAME")
     with progress(sys.stderr.isatty()) as say:
-        report = build_engine(BuildOptions(onnx=model, **values), say)
+        report = build_engine(BuildOptions(onnx=model, **values), say, reuse=bool(recipe))
     click.echo(summary(report))
 
 
-def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
+def _recipe_build(name: str, cli_values: dict, allow_plugins: bool = False) -> tuple[str, dict]:
     """The recipe's export output (exported first if missing) and its build: section under CLI flags."""
     from edgetok.engine.options import BuildOptions, parse_targets
-    from edgetok.vit.export import ViTExportOptions, default_output, export_vit
-    from edgetok.vit.export import summary as export_summary
+    from edgetok.vit.export import ViTExportOptions, default_output
 
-    data = recipes.load(name)
+    data = recipes.load(name, _say)
     exported = recipes.section(data, "export", ViTExportOptions.fields() | {"kind"}, name)
     exported.pop("kind", None)
     export_opts = ViTExportOptions(**exported)
     onnx_path = Path(export_opts.output) if export_opts.output else default_output(export_opts)
     build = recipes.section(data, "build", set(BuildOptions.__dataclass_fields__) - {"onnx"}, name) \
         if "build" in data else {}
+    if build.get("plugins") and not allow_plugins:
+        raise EdgetokError(
+            f"recipe {name} asks to load plugin libraries {build['plugins']}; native code loads only from --plugins "
+            "on the command line, or pass --allow-recipe-plugins if you trust this recipe"
+        )
     if "targets" in build:
         build["targets"] = parse_targets(build["targets"] if isinstance(build["targets"], list) else [build["targets"]])
     merged = {**build, **cli_values}  # flags given on the command line win over the recipe
-    if not onnx_path.is_file():
-        _say(f"{onnx_path} is missing: exporting recipe {name} first")
-        click.echo(export_summary(export_vit(export_opts, _say)))
+    _ensure_export(export_opts, onnx_path, f"recipe {name}", echo=True)
     return str(onnx_path), merged
+
+
+def _ensure_export(opts, out: Path, label: str, echo: bool = False) -> None:
+    """Reuse the ONNX at ``out`` only if its sidecar says it is this export (model, weights, reduction)."""
+    from edgetok.vit.export import export_vit, stale_reason
+    from edgetok.vit.export import summary as export_summary
+
+    why = stale_reason(out, opts)
+    if why is None:
+        _say(f"reusing {out}: its sidecar matches {label}")
+        return
+    _say(f"exporting {label} -> {out}" if why == "missing" else f"re-exporting {out} for {label}: {why}")
+    data = export_vit(opts, _say)
+    if echo:
+        click.echo(export_summary(data))
 
 
 @cli.command("profile")
@@ -155,7 +174,10 @@ def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="GPU runners: replay inference as a CUDA graph.")
 @click.option("--data-transfers/--no-data-transfers", default=None, help="Engines: time H2D/D2H copies (trtexec default by version).")
 @click.option("--recipe", help="Profile a recipe's export (or its profile.sweep variants), exporting what is missing.")
-@click.option("--host", help="Profile on a remote Jetson over ssh (user@host); the report comes back here.")
+@click.option("--host", help="Profile on a remote Jetson over ssh ([user@]host[:port], or a ~/.ssh/config Host); "
+              "the report comes back here.")
+@click.option("--remote-timeout", type=float, metavar="SECONDS",
+              help="--host: stop the remote profile (and remove its folder) after this many seconds (default 3600).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="edgetok-out/profile", show_default=True,
               help="Where profile.json, profile.md and profile.png go.")
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the JSON report exactly here.")
@@ -164,13 +186,24 @@ def _recipe_build(name: str, cli_values: dict) -> tuple[str, dict]:
 @click.option("--adaptive-k", is_flag=True, help="--pair: adapt k to the acceptance.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="--pair: tokens per prompt.")
 def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, iterations, rounds, threads, cuda_graphs,
-                data_transfers, recipe, host, output_dir, report_json, pair, k, adaptive_k, max_new_tokens) -> None:
+                data_transfers, recipe, host, remote_timeout, output_dir, report_json, pair, k, adaptive_k,
+                max_new_tokens) -> None:
     """Latency statistics (trtexec-grade) for one or more models, compared side by side."""
     from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
 
     if pair:
+        if host:
+            raise EdgetokError("--pair --host is not supported yet; run edgetok profile --pair on the Jetson itself")
         _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads or 0, Path(output_dir), report_json)
         return
+    if remote_timeout is not None and not host:
+        raise EdgetokError(f"--remote-timeout {remote_timeout:g} applies only with --host; drop it, or add --host")
+    if host:  # before a recipe exports anything
+        from edgetok.profile.remote import check_remote_timeout, parse_host
+
+        parse_host(host)
+        if remote_timeout is not None:
+            check_remote_timeout(remote_timeout)
     given = {"backend": backend, "device": device, "batch": batch, "warmup_ms": warmup, "duration_s": duration,
              "iterations": iterations, "rounds": rounds, "threads": threads}
     given = {key: value for key, value in given.items() if value is not None}  # what the command line set
@@ -184,19 +217,9 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     opts = ProfileOptions(models=list(models), ep=ep, inputs=inputs, cuda_graphs=cuda_graphs,
                           data_transfers=data_transfers, labels=labels, **given)
     if host:
-        from edgetok.profile.remote import run_remote
+        from edgetok.profile.remote import profile_remote
 
-        device = "jetson" if "device" not in given else opts.device
-        args = ["--backend", opts.backend, "--device", device, "--warmup", str(opts.warmup_ms), "--duration",
-                str(opts.duration_s), "--iterations", str(opts.iterations), "--threads", str(opts.threads)]
-        args += ["--batch", str(opts.batch)] if opts.batch else []
-        args += ["--ep", ep] if ep else []
-        args += [] if cuda_graphs is None else ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
-        args += [] if data_transfers is None else ["--data-transfers" if data_transfers else "--no-data-transfers"]
-        for m in models:
-            if not Path(m).is_file():
-                raise EdgetokError(f"{m} does not exist")
-        result = run_remote(host, [Path(m) for m in models], args)
+        result = profile_remote(host, opts, remote_timeout, device_given="device" in given)
     else:
         result = _with_progress(lambda tick: profile(opts, tick), len(models) * opts.duration_s)
     paths = write_reports(result, Path(output_dir))
@@ -239,14 +262,12 @@ def _with_progress(work, total_seconds: float):
 
 
 def _recipe_models(recipe: str) -> tuple[list[str], list[str], dict]:
-    from edgetok.vit.export import ViTExportOptions, export_vit
+    from edgetok.vit.export import ViTExportOptions
 
-    variants, prof = recipes.profile_plan(recipes.load(recipe), recipe)
+    variants, prof = recipes.profile_plan(recipes.load(recipe, _say), recipe)
     models, labels = [], []
     for label, values in variants:
-        if not Path(values["output"]).is_file():
-            _say(f"exporting {label} -> {values['output']}")
-            export_vit(ViTExportOptions(**values), _say)
+        _ensure_export(ViTExportOptions(**values), Path(values["output"]), f"recipe {recipe} ({label})")
         models.append(values["output"])
         labels.append(label)
     return models, labels, prof
@@ -318,6 +339,8 @@ def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> 
     opts = EvalOptions(model=model, data=data, batch=batch, reference=reference, write_sidecar=not no_sidecar,
                        checkpoint=checkpoint)
     result = _with_count_progress(lambda tick: evaluate(opts, tick))
+    if result.get("not_recorded"):
+        _say(result["not_recorded"])
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -355,8 +378,28 @@ def data_digits_cmd(output) -> None:
     click.echo(f"wrote {info['images']} images in {info['classes']} class folders to {info['path']}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: unwinding runs every cleanup (staging folders, worker processes)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure is one line on stderr and a non-zero exit, never a traceback."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="edgetok", standalone_mode=False)
     except EdgetokError as exc:
@@ -367,9 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     except click.UsageError as exc:
         click.echo(f"error: {exc.format_message()} (see --help)", err=True)
         return 2
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("error: terminated (SIGTERM); nothing was written", err=True)
+            return 143
         click.echo("error: aborted", err=True)
         return 130
+    except Terminated:  # arrived outside click's own handling
+        click.echo("error: terminated (SIGTERM); nothing was written", err=True)
+        return 143
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("EDGETOK_DEBUG"):
             raise

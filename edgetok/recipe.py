@@ -16,17 +16,32 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("edgetok.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
-def load(recipe: str) -> dict:
-    """A recipe by path, or by built-in name (``deit_small_tome_r13``)."""
-    path = Path(recipe)
-    if path.is_file():
-        text = path.read_text()
-    elif recipe in builtin_names():
-        text = (resources.files("edgetok.recipes") / f"{recipe}.yaml").read_text()
-    else:
-        raise EdgetokError(
-            f"recipe {recipe!r} is neither a file nor a built-in recipe; built-ins: {', '.join(builtin_names())}"
-        )
+def is_path(recipe: str) -> bool:
+    """A file the user named, as opposed to a built-in name: it has a folder part or a YAML suffix."""
+    return "/" in recipe or recipe.endswith((".yaml", ".yml"))
+
+
+def resolve(recipe: str) -> str:
+    """Where a recipe comes from. Built-in names always mean the built-ins, so a file of that name in the
+    working folder cannot stand in for one; a user's own file is named by a path (``./x.yaml``)."""
+    if is_path(recipe):
+        if not Path(recipe).is_file():
+            raise EdgetokError(f"recipe file {recipe} does not exist; give a YAML file or a built-in name "
+                               f"({', '.join(builtin_names())})")
+        return str(Path(recipe))
+    if recipe in builtin_names():
+        return str(resources.files("edgetok.recipes") / f"{recipe}.yaml")
+    hint = f"; for the file in this folder write ./{recipe}" if Path(recipe).is_file() else ""
+    raise EdgetokError(f"recipe {recipe!r} is not a built-in recipe (built-ins: {', '.join(builtin_names())}); "
+                       f"a recipe file is named by a path ending in .yaml or containing '/'{hint}")
+
+
+def load(recipe: str, say=None) -> dict:
+    """A recipe by path, or by built-in name (``deit_small_tome_r13``); ``say`` is told which file was used."""
+    source = resolve(recipe)
+    if say:
+        say(f"recipe {recipe}: {source}" + (" (built-in)" if not is_path(recipe) else ""))
+    text = Path(source).read_text()
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

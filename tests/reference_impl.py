@@ -36,38 +36,59 @@ def attention(block, x: torch.Tensor, sizes: list[float], proportional: bool):
     return out, q, k
 
 
-def tome_merge(x: torch.Tensor, sizes: list[float], k: torch.Tensor, r: int, prefix: int, stats: dict):
-    """Bipartite soft matching: merge the r best-matched A tokens into their most similar B token.
+def tome_merge(x, sizes, k, r: int, prefix: int, class_token: bool, distill_token: bool, stats: dict):
+    """Bipartite soft matching as Bolya et al. (ICLR 2023) describe it and their released code does it.
 
-    A = non-prefix positions prefix, prefix+2, ...; B = prefix+1, prefix+3, .... Similarity is the
-    cosine of the head-averaged keys. Merging is the size-weighted average; sizes add up.
+    1. Split *all* tokens by position into A (0, 2, 4, ...) and B (1, 3, 5, ...).
+    2. Score every (a, b) pair by the cosine similarity of the head-averaged keys. The class token
+       (A's first) gets a -inf row, so it is never merged; a distillation token (B's first) gets a
+       -inf column, so nothing merges into it. Register tokens, which the paper predates, are
+       protected the same way: a -inf row where they fall in A, a -inf column where they fall in B.
+    3. Each a keeps its best b; the r edges with the highest scores are merged (size-weighted mean,
+       sizes add up).
+    4. The output is the unmerged A tokens, then B. With a class token the unmerged A tokens are put
+       back in position order; without one they stay in score order. With a distillation token it
+       moves to second place (cls, dist, rest of A, rest of B); in general every prefix token comes
+       first, in position order.
     """
     metric = k.mean(dim=0)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     n = x.shape[0]
-    set_a, set_b = list(range(prefix, n, 2)), list(range(prefix + 1, n, 2))
+    set_a, set_b = list(range(0, n, 2)), list(range(1, n, 2))
+    score = {}
+    for a in set_a:
+        for b in set_b:
+            score[a, b] = -math.inf if a < prefix or b < prefix else float(metric[a] @ metric[b])
     best = {}  # a -> (score, b)
     for a in set_a:
-        sims = [(float(metric[a] @ metric[b]), b) for b in set_b]
-        sims.sort(reverse=True)
+        sims = sorted(((score[a, b], b) for b in set_b), reverse=True)
         best[a] = sims[0]
-        if len(sims) > 1:
-            note_gap(stats, sims[0][0] - sims[1][0])
+        finite = [s for s, _ in sims if s > -math.inf]
+        if len(finite) > 1:
+            note_gap(stats, finite[0] - finite[1])
     ranked = sorted(set_a, key=lambda a: best[a][0], reverse=True)
-    if r < len(ranked):
+    if r < len(ranked) and best[ranked[r]][0] > -math.inf:
         note_gap(stats, best[ranked[r - 1]][0] - best[ranked[r]][0])
-    merged = set(ranked[:r])
+    merged = ranked[:r]
+    assert all(a >= prefix for a in merged), "a protected token was merged: r is larger than ToMe allows"
     total = {b: x[b] * sizes[b] for b in set_b}
     weight = {b: sizes[b] for b in set_b}
     for a in merged:
         b = best[a][1]
+        assert b >= prefix
         total[b] = total[b] + x[a] * sizes[a]
         weight[b] += sizes[a]
-    rows = [x[i] for i in range(prefix)] + [x[a] for a in set_a if a not in merged]
-    new_sizes = [sizes[i] for i in range(prefix)] + [sizes[a] for a in set_a if a not in merged]
-    for b in set_b:
-        rows.append(total[b] / weight[b])
-        new_sizes.append(weight[b])
+    unmerged = ranked[r:]
+    if class_token:
+        unmerged = sorted(unmerged)
+    if distill_token:  # the reference's cat([unm[:1], dst[:1], unm[1:], dst[1:]])
+        order = unmerged[:1] + set_b[:1] + unmerged[1:] + set_b[1:]
+    else:
+        order = unmerged + set_b
+    # Registers: every prefix token first, in position order (a no-op for class/distillation tokens).
+    order = sorted(i for i in order if i < prefix) + [i for i in order if i >= prefix]
+    rows = [total[i] / weight[i] if i in total else x[i] for i in order]
+    new_sizes = [weight[i] if i in total else sizes[i] for i in order]
     return torch.stack(rows), new_sizes
 
 
@@ -99,6 +120,8 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
     Returns (logits [B, classes], tokens entering each block's MLP for the first image, stats).
     """
     prefix = model.num_prefix_tokens
+    class_token = model.cls_token is not None
+    distill_token = getattr(model, "dist_token", None) is not None
     stats: dict = {}
     outputs, counts = [], []
     for image in images:
@@ -109,7 +132,7 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
             out, q, k = attention(block, x, sizes, proportional=method == "tome")
             x = x + block.ls1(out)
             if method == "tome" and r_per_layer[layer] > 0:
-                x, sizes = tome_merge(x, sizes, k, r_per_layer[layer], prefix, stats)
+                x, sizes = tome_merge(x, sizes, k, r_per_layer[layer], prefix, class_token, distill_token, stats)
             elif method == "evit" and layer in keep_layers:
                 kept = math.ceil(keep_rate * (x.shape[0] - prefix))
                 if kept < x.shape[0] - prefix:

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 from cli_assertions import assert_one_line_error, run_cli
+from PIL import Image
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,61 @@ def test_export_hf_folder(capsys, in_tmp):
         side = json.loads(Path(f"{folder}.edgetok.json").read_text())
         assert side["model"]["weights"] == weights and side["model"]["family"] == "hf"
         assert [t[1] for t in side["reduction"]["tokens_per_layer"]] == [53, 41]
+
+
+HF_SMALL = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128)
+
+
+@pytest.mark.parametrize(
+    "case, classifier",
+    [("num_labels", True), ("id2label", True), ("no_labels", False), ("classifier_weights", True),
+     ("encoder_weights", False)],
+)
+def test_hf_folder_without_architectures_gets_the_head_its_config_means(capsys, in_tmp, case, classifier):
+    """No `architectures`: labels in config.json (or classifier.* weights) mean a classifier, else an encoder;
+    the summary and sidecar say which head was exported and why."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    labels = {"num_labels": dict(num_labels=7), "id2label": dict(id2label={i: f"c{i}" for i in range(7)})}
+    config = ViTConfig(**HF_SMALL, **labels.get(case, {}))
+    if case == "classifier_weights":
+        ViTForImageClassification(ViTConfig(**HF_SMALL, num_labels=7)).save_pretrained("m")
+    elif case == "encoder_weights":
+        ViTModel(config).save_pretrained("m")
+    else:
+        config.save_pretrained("m")
+    raw = json.loads(Path("m/config.json").read_text())
+    raw.pop("architectures", None)
+    Path("m/config.json").write_text(json.dumps(raw))
+    code, out, err = run_cli(capsys, "export", "vit", "m", "-o", "m.onnx")
+    assert code == 0, err
+    side = json.loads(Path("m.edgetok.json").read_text())
+    outputs = [o["name"] for o in side["onnx"]["outputs"]]
+    head_line = next(line for line in out.splitlines() if line.strip().startswith("head"))
+    if classifier:
+        assert outputs == ["logits"] and side["onnx"]["outputs"][0]["shape"] == ["batch", 7]
+        assert side["model"]["head"].startswith("classifier: ViTForImageClassification, 7 classes")
+        assert "classifier" in head_line
+    else:
+        assert outputs[0] == "last_hidden_state" and side["model"]["num_classes"] == 0
+        assert side["onnx"]["outputs"][0]["shape"] == ["batch", 17, 64]  # not the exporter's node-named dims
+        assert side["model"]["head"].startswith("encoder: ViTModel") and "no class logits" in head_line
+
+
+def test_eval_refuses_a_model_without_class_logits(capsys, in_tmp):
+    """An encoder's features are not class scores: one line, not numpy's broadcast error."""
+    from transformers import ViTConfig
+
+    ViTConfig(**HF_SMALL).save_pretrained("enc")
+    assert run_cli(capsys, "export", "vit", "enc", "-o", "enc.onnx")[0] == 0
+    for cls in range(3):
+        Path(f"data/{cls}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (cls * 80, 0, 0)).save(f"data/{cls}/x.png")
+    code, out, err = run_cli(capsys, "eval", "enc.onnx", "--data", "data")
+    assert_one_line_error(code, err, "enc.onnx has no class logits", "last_hidden_state", "num_labels")
+    code, out, err = run_cli(capsys, "eval", "enc", "--data", "data")  # the folder itself, in PyTorch
+    assert_one_line_error(code, err, "has no class logits", "encoder: ViTModel")
 
 
 BAD_INPUTS = {
@@ -162,3 +218,15 @@ def test_default_export_through_the_console_script(in_tmp):
     assert files_written(in_tmp) == ["edgetok-out/digits_vit_tome_r8.edgetok.json",
                                      "edgetok-out/digits_vit_tome_r8.onnx"]
     assert "FLOPs speedup bound 1.66x" in proc.stdout and "digits_vit/model.safetensors" in proc.stdout
+
+
+def test_pair_summary_counts_layers_in_english():
+    from edgetok.llm.pair import summary
+
+    def entry(layers):
+        return {"source": "m", "model_type": "llama", "num_hidden_layers": layers, "hidden_size": 8, "weights": "random",
+                "validation": {"max_abs_diff": {"prefill": 1e-7}}}
+
+    text = summary({"path": "p", "target": entry(6), "draft": entry(1), "tokenizer": None, "vocab_size": 9,
+                    "max_length": 16})
+    assert "(llama, 6 layers," in text and "(llama, 1 layer," in text

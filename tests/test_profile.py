@@ -1,14 +1,24 @@
 """`edgetok profile`: real ONNX Runtime CPU profiles, consistent statistics, comparison table and plot,
-and one-line errors for what cannot run."""
+and one-line errors for what cannot run.
 
+No test here asserts on measured times or on relations between them: the real profiles are checked for the
+arithmetic the report does from what it recorded, and the timing loop's rules and the Jetson energy figures are
+checked exactly on injected clocks."""
+
+import functools
+import inspect
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_assertions import assert_one_line_error, run_cli
+from test_jetson import FakeClock, group_ends, open_feed, wait_for
 
+from edgetok.profile import measure, profiler, tegrastats
+from edgetok.profile.measure import Measurement, timed_round, warm_up
 from edgetok.profile.profiler import ProfileOptions, profile, write_reports
 from edgetok.profile.stats import summarize, warnings_for
 from edgetok.vit.export import ViTExportOptions, export_vit
@@ -47,15 +57,60 @@ def test_real_onnxruntime_cpu_profile_is_consistent(onnx_pair):
     lat = m["timings_ms"]["latency"]
     assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
     assert lat["min"] <= lat["mean"] <= lat["max"] and lat["stdev"] >= 0
-    assert m["iterations"] >= 5 and m["wall_s"] >= 0.5
-    # Sequential runs: throughput is the batch over the mean latency, less the loop's own overhead.
-    assert m["throughput"]["items_per_s"] == pytest.approx(2 / (lat["mean"] / 1e3), rel=0.1)
-    assert m["throughput"]["items_per_s"] == pytest.approx(2 * m["throughput"]["qps"])
+    assert m["iterations"] >= 5  # the count is a floor the loop enforces, whatever the machine's speed
+    # Throughput is the iterations over the loop's wall time (overhead included), times the batch.
+    assert m["throughput"]["qps"] == pytest.approx(m["iterations"] / m["wall_s"], rel=1e-12)
+    assert m["throughput"]["items_per_s"] == pytest.approx(2 * m["throughput"]["qps"], rel=1e-12)
     assert m["runner"]["execution_provider"] == "CPUExecutionProvider"
     assert m["runner"]["intra_op_threads"] == 1 and m["runner"]["allow_spinning"] is False
     assert m["batch"] == 2 and m["precision"] == "fp32"
     env = result["environment"]
     assert env["cpu"] and env["cpu_count"] >= 1 and env["versions"]["onnxruntime"]
+
+
+class SteppingRunner:
+    """A stand-in runner: each inference moves the injected clock on by ``step`` s and reports ``latency`` s."""
+
+    def __init__(self, clock: FakeClock, step: float, latency: float):
+        self.clock, self.step, self.latency, self.calls = clock, step, latency, 0
+
+    def infer(self) -> dict:
+        self.calls += 1
+        self.clock.now += self.step
+        return {"latency": self.latency}
+
+
+def test_timed_round_and_warm_up_on_an_injected_clock():
+    """The loop's rules, exactly: run until the duration has passed *and* the iterations are done; wall time,
+    progress ticks and throughput come from the loop clock, the window from the window clock."""
+    clock = FakeClock(10.0)
+    runner = SteppingRunner(clock, step=0.25, latency=0.1875)  # 0.0625 s of loop overhead per inference
+    warm_up(runner, 0.6, clock=clock)
+    assert runner.calls == 3  # 0.25, 0.5 (< 0.6: once more), 0.75
+    warm_up(runner, 0.0, clock=clock)
+    assert runner.calls == 4  # always at least one
+
+    m, ticks = Measurement(), []
+    windows = iter([500.0, 507.5, 600.0, 601.5])
+    timed_round(runner, m, 1.0, 2, ticks.append, clock=clock, window_clock=windows.__next__)
+    assert len(m.records) == 4 and m.wall_s == 1.0  # the duration decided: 4 x 0.25 s
+    assert ticks == [0.5, 0.5, 0.0]  # a tick once more than 0.25 s passed, and the rest at the end
+    timed_round(runner, m, 0.5, 6, ticks.append, clock=clock, window_clock=windows.__next__)
+    assert len(m.records) == 10 and m.wall_s == 2.5  # the count decided: 6 x 0.25 s
+    assert sum(ticks) == m.wall_s
+    assert m.windows == [(500.0, 507.5), (600.0, 601.5)]
+
+    report = m.report(batch=2)
+    assert report["iterations"] == 10 and report["wall_s"] == 2.5
+    assert report["throughput"] == {"qps": 4.0, "items_per_s": 8.0}  # 2 items / 0.25 s, not / 0.1875 s latency
+    lat = report["timings_ms"]["latency"]
+    assert lat["min"] == lat["median"] == lat["max"] == pytest.approx(187.5) and lat["stdev"] == 0.0
+
+
+def test_the_sampler_stamps_on_the_clock_of_the_rounds_windows():
+    """summarize() compares tegrastats stamps with timed_round's windows: both must default to time.monotonic."""
+    assert inspect.signature(timed_round).parameters["window_clock"].default is time.monotonic
+    assert tegrastats.TegrastatsSampler().clock is time.monotonic
 
 
 def test_comparison_table_and_plot_from_two_real_profiles(onnx_pair, tmp_path):
@@ -137,42 +192,100 @@ def test_bad_inputs(capsys, tmp_path, onnx_pair):
     assert not (tmp_path / "never").exists()
 
 
-def test_unreachable_host_is_one_line(capsys, tmp_path, onnx_pair):
+def test_unreachable_host_is_one_line(capsys, tmp_path, onnx_pair, monkeypatch):
+    """A stand-in ssh answers as OpenSSH does for a name that does not resolve: no DNS or network needed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text("#!/bin/sh\necho 'ssh: Could not resolve hostname host.invalid: Name or service "
+                                 "not known' >&2\nexit 255\n")
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     code, out, err = run_cli(capsys, "profile", onnx_pair["dense"], "--host", "nobody@host.invalid",
                              "-o", str(tmp_path / "never"))
-    assert_one_line_error(code, err, "host.invalid")
+    assert_one_line_error(code, err, "cannot reach nobody@host.invalid over ssh (ssh: Could not resolve hostname")
     assert not (tmp_path / "never").exists()
 
 
-def _stand_in(bin_dir: Path, name: str, fixture: Path, repeat: bool = False):
-    """An executable printing a real capture (without its `#` source lines), once or every 50 ms."""
+def _stand_in(bin_dir: Path, name: str, fixture: Path):
+    """An executable printing a captured output (without its `#` header) once."""
     body = "\n".join(line for line in fixture.read_text().splitlines() if not line.startswith("#"))
     data = bin_dir / f"{name}.txt"
     data.write_text(body + "\n")
-    loop = f'while true; do cat "{data}"; sleep 0.05; done' if repeat else f'cat "{data}"'
     script = bin_dir / name
-    script.write_text(f"#!/bin/sh\n{loop}\n")
+    script.write_text(f'#!/bin/sh\ncat "{data}"\n')
     script.chmod(0o755)
 
 
 def test_jetson_profile_reports_power_energy_and_clock_state(onnx_pair, tmp_path, monkeypatch):
+    """Stand-in tegrastats, nvpmodel and jetson_clocks (captured outputs) on PATH. The test hands tegrastats its
+    lines at chosen moments of the run, with the sampler's clock set for each, and steps the round's clocks, so
+    which samples fall in the model's window, the iteration count and the energy per inference are exact."""
     fixtures = Path(__file__).parent / "fixtures"
-    bin_dir = tmp_path / "bin"
+    bin_dir, feed, argv = tmp_path / "bin", tmp_path / "feed", tmp_path / "argv"
     bin_dir.mkdir()
-    _stand_in(bin_dir, "tegrastats", fixtures / "tegrastats" / "agx-orin-jetpack7.2.txt", repeat=True)
+    os.mkfifo(feed)
+    (bin_dir / "tegrastats").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{argv}"\nexec cat "{feed}"\n')
+    (bin_dir / "tegrastats").chmod(0o755)
     _stand_in(bin_dir, "nvpmodel", fixtures / "nvpmodel" / "thor-maxn.txt")
     _stand_in(bin_dir, "jetson_clocks", fixtures / "jetson_clocks" / "agx-orin-jp5-dynamic.txt")
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setattr("edgetok.profile.jetson.is_jetson", lambda: True)
-    result = profile(ProfileOptions(models=[onnx_pair["dense"]], device="jetson", ep="cpu", duration_s=0.6,
-                                    iterations=2, warmup_ms=10, tegrastats_interval_ms=50))
+    agx = fixtures / "tegrastats" / "agx-orin-jetpack7.2.txt"
+    line = ("".join(ln for ln in agx.read_text().splitlines(keepends=True) if not ln.startswith("#"))).encode()
+
+    stamp, samplers, fd = FakeClock(), [], None
+    real_sampler = tegrastats.TegrastatsSampler
+
+    def sampler_on_the_fake_clock(**kwargs):
+        samplers.append(real_sampler(clock=stamp, **kwargs))
+        return samplers[-1]
+
+    def send(at: float) -> None:
+        """One tegrastats line, arriving while the sampler's clock reads ``at``."""
+        n = len(samplers[0]._samples) + 1
+        stamp.now = at
+        os.write(fd, line)
+        wait_for(lambda: len(samplers[0]._samples) == n, f"tegrastats sample {n}")
+
+    def window_clock() -> float:  # read by timed_round as the round starts and as it ends
+        nonlocal fd
+        if fd is None:
+            fd = open_feed(feed)
+            send(99.0)  # stamped before the window, as a line from the warm-up would be
+            return 100.0
+        send(101.0)  # as the round ends: on the window's edge, so it counts
+        return 101.0
+
+    readings = []
+
+    def loop_clock() -> float:  # 0.125 s per reading: the 0.75 s round is exactly 6 inferences
+        n = len(readings)
+        readings.append(n * 0.125)
+        if n in (2, 4):  # after the 2nd and 4th inference
+            send(100.0 + n * 0.125)
+        return readings[-1]
+
+    monkeypatch.setattr(tegrastats, "TegrastatsSampler", sampler_on_the_fake_clock)
+    monkeypatch.setattr(profiler, "timed_round",
+                        functools.partial(measure.timed_round, clock=loop_clock, window_clock=window_clock))
+    try:
+        result = profile(ProfileOptions(models=[onnx_pair["dense"]], device="jetson", ep="cpu", duration_s=0.75,
+                                        iterations=2, warmup_ms=10, tegrastats_interval_ms=50))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    (sampler,) = samplers
+    assert argv.read_text().split() == ["--interval", "50"]
+    assert [t for t, _ in sampler.stop()] == [99.0, 100.25, 100.5, 101.0]
+    group_ends(sampler.pid)  # profile() stopped tegrastats
     (m,) = result["models"]
+    assert m["iterations"] == 6 and m["wall_s"] == 0.75
     power = m["jetson"]
-    assert power["samples"] >= 3
+    assert power["samples"] == 3 and power["window_s"] == 1.0  # 100.25, 100.5 and 101.0; not 99.0
     # AGX Orin has no VDD_IN: total power is the sum of its three rails, 5139 + 3268 + 5500 mW.
-    assert power["power_mw"]["avg"] == pytest.approx(13907)
-    expected_mj = 13.907 * power["window_s"] / m["iterations"] * 1e3
-    assert power["energy_per_inference_mj"] == pytest.approx(expected_mj, rel=1e-6)
-    assert result["jetson"]["power_mode"]["name"] == "MAXN"
+    assert power["power_source"] == "sum of rails" and power["power_mw"] == {"avg": 13907.0, "peak": 13907}
+    # 13.907 W for 1 s over 6 inferences = 2.3178 J each.
+    assert power["energy_per_inference_mj"] == pytest.approx(13907 / 6, rel=1e-12)
+    assert result["jetson"]["power_mode"] == {"name": "MAXN", "id": 0}
     assert result["jetson"]["clocks"]["locked"] is False and "jetson_clocks" in result["jetson"]["warning"]
     assert result["comparison"][0]["energy_mj"] == power["energy_per_inference_mj"]

@@ -16,6 +16,7 @@ import timm
 import torch
 from reference_impl import reference_forward
 
+from edgetok.errors import EdgetokError
 from edgetok.vit.loading import from_timm
 from edgetok.vit.reduction import make_method, reduce_vit
 
@@ -31,6 +32,11 @@ CONFIGS = {
     "qknorm_avg": (  # q/k LayerNorm, LayerScale, mean-pooled head (fc_norm)
         "vit_tiny_patch16_224",
         dict(img_size=64, depth=4, qk_norm=True, init_values=0.1, global_pool="avg"),
+    ),
+    "no_cls": ("vit_tiny_patch16_224", dict(img_size=64, depth=4, class_token=False, global_pool="avg")),  # P = 0
+    "registers_no_cls": (  # P = 3 registers, no class token (the reg*_gap models)
+        "vit_tiny_patch16_224",
+        dict(img_size=64, depth=4, class_token=False, reg_tokens=3, global_pool="avg"),
     ),
 }
 
@@ -140,13 +146,15 @@ def test_tome_constant_r_clamped_in_late_blocks():
         ("vit37", "8,0,5,4", [29, 29, 24, 20]),
         ("distilled", "2,4,0,3", [16, 12, 12, 9]),
         ("registers", "1,6,2", [20, 14, 12]),
+        ("no_cls", "3,2,0,4", [13, 11, 11, 7]),
+        ("registers_no_cls", "2,4,1,3", [17, 13, 12, 9]),
     ],
 )
 def test_tome_schedule_matches_reference(config, schedule, counts):
     assert compare(config, "tome", r_schedule=schedule) == counts
 
 
-@pytest.mark.parametrize("config", ["vit17", "distilled", "registers", "qknorm_avg"])
+@pytest.mark.parametrize("config", ["vit17", "distilled", "registers", "qknorm_avg", "no_cls"])
 def test_tome_plain_attention_matches_reference(config):
     """The non-fused attention path (explicit softmax) gets the same size bias as the fused one."""
     compare(config, "tome", fused=False, r=3)
@@ -171,3 +179,50 @@ def test_evit_matches_reference(config, keep_rate, counts):
 @pytest.mark.parametrize("config", ["vit17", "registers"])
 def test_evit_plain_attention_matches_reference(config):
     compare(config, "evit", fused=False, keep_rate=0.7, keep_layers=[1, 2])
+
+
+def test_evit_refuses_a_model_without_class_token():
+    vit = from_timm(build("no_cls"), "no_cls")
+    with pytest.raises(EdgetokError, match="no class token"):
+        reduce_vit(vit, make_method("evit", vit.depth, keep_rate=0.7))
+
+
+def _transform(keys: torch.Tensor, r: int, prefix: int, class_token: bool = True):
+    """ToMe's step on keys [N, D] of one image (one head)."""
+    return make_method("tome", 1, r=r).transform(r, None, keys[None, None], None, prefix, class_token)[0]
+
+
+def test_tome_split_is_the_references_class_token_never_merged_distillation_never_a_destination():
+    """A = even positions of all tokens, B = odd ones. The class token (A) copies a B token's key and the
+    distillation token (B) copies A tokens' keys, so only their -inf row and column keep them out."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    keys[0] = keys[3]  # cls would be the best-matched A token (cosine 1)
+    keys[4] = keys[1] * 2  # ... and A token 4 would merge into the distillation token
+    t = _transform(keys, r=2, prefix=2)
+    assert 0 not in t.src[0].tolist()  # the best-matched A token is the class token: skipped
+    t = _transform(keys, r=5, prefix=2)  # the most ToMe allows: every unprotected A token
+    src, keep, dst = t.src[0].tolist(), t.keep[0].tolist(), t.dst[0].tolist()
+    assert sorted(src) == [2, 4, 6, 8, 10]
+    assert keep == [0, 1, 3, 5, 7, 9, 11]  # cls, dist first, as the reference's cat([unm[:1], dst[:1], ...])
+    assert all(j >= 2 for j in dst)  # only unprotected B tokens receive merges, never the distillation token
+
+
+def test_tome_first_patch_is_in_b_with_a_class_token():
+    """With only a class token, patch 1 sits at position 1 (B): the reference's split, not one over patches."""
+    keys = torch.randn(9, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = _transform(keys, r=4, prefix=1)  # all four unprotected A tokens (2, 4, 6, 8) merge
+    assert sorted(t.src[0].tolist()) == [2, 4, 6, 8]
+    assert t.keep[0].tolist() == [0, 1, 3, 5, 7]
+
+
+def test_tome_without_class_token_keeps_unmerged_tokens_in_score_order():
+    """The reference sorts unmerged A tokens back into position order only when there is a class token."""
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(10, 8, generator=gen, dtype=torch.float64)
+    metric = keys / keys.norm(dim=-1, keepdim=True)
+    best = (metric[0::2] @ metric[1::2].T).max(dim=-1).values
+    ranked = (best.argsort(descending=True) * 2).tolist()
+    t = _transform(keys, r=1, prefix=0, class_token=False)
+    assert t.src[0].tolist() == ranked[:1]
+    assert t.keep[0].tolist() == ranked[1:] + [1, 3, 5, 7, 9]

@@ -4,7 +4,6 @@ engine and its ``<engine>.build.json`` together (or nothing at all)."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -36,10 +35,30 @@ def _load_onnx(path: str) -> onnx.ModelProto:
     if not p.is_file():
         raise EdgetokError(f"{path} does not exist; give an .onnx file (e.g. from `edgetok export`)")
     try:
-        return onnx.load(str(p), load_external_data=False)
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise EdgetokError(f"{path} is not an ONNX model ({reason}); give an .onnx file from `edgetok export`") from None
+    _check_external_data(model, p)
+    return model
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Weights kept in other files must be files beside the model: a builder (or the fp16 conversion) must
+    never read a file outside the model's folder, and a missing one is named here, not deep in a parser."""
+    folder = path.parent.resolve()
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise EdgetokError(f"{path}: tensor {init.name!r} keeps its data in {location!r}, outside the model's "
+                               "folder; keep external data files beside the .onnx (re-export, or onnx.save with "
+                               "a plain file name as location)")
+        if not target.is_file():
+            raise EdgetokError(f"{path}: tensor {init.name!r} keeps its data in {location!r}, which is missing; "
+                               "copy it beside the .onnx")
 
 
 def _graph_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
@@ -110,14 +129,6 @@ def _name_failed_nodes(errors: list[dict], model: onnx.ModelProto) -> list[dict]
     return named
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _layer_counts(layers: list[dict]) -> dict:
     by_type: dict[str, int] = {}
     for layer in layers:
@@ -138,21 +149,26 @@ def _run_worker(request: dict, workdir: Path, say: Callable[[str], None]) -> tup
     log_path = workdir / "worker.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgetok.engine.worker", str(request_path), str(write_fd)],
+            [sys.executable, "-m", "edgetok.engine.worker", str(request_path), str(write_fd), str(os.getpid())],
             stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
         )
     os.close(write_fd)
     last: dict = {}
-    with os.fdopen(read_fd) as events:
-        for line in events:
-            event = json.loads(line)
-            if event["event"] == "stage":
-                say(event["text"])
-            elif event["event"] == "progress" and not event.get("parent"):
-                say(f"building: {event['phase']}")
-            else:
-                last = event
-    code = proc.wait()
+    try:
+        with os.fdopen(read_fd) as events:
+            for line in events:
+                event = json.loads(line)
+                if event["event"] == "stage":
+                    say(event["text"])
+                elif event["event"] == "progress" and not event.get("parent"):
+                    say(f"building: {event['phase']}")
+                else:
+                    last = event
+        code = proc.wait()
+    finally:  # interrupted (Ctrl-C, SIGTERM): the worker goes too, before its staging folder is removed
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
     if code < 0 and not last:
         last = {"event": "error", "message": f"the builder process was killed by signal {-code}"}
@@ -193,7 +209,29 @@ def progress(enabled: bool):
             thread.join()
 
 
-def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None) -> dict:
+def _request_record(opts: BuildOptions, backend: Backend, profiles) -> dict:
+    """What decides an engine's contents besides its ONNX: recorded in the report, compared on reuse."""
+    return json.loads(json.dumps({
+        "backend": backend.name, "precision": opts.precision, "profiles": [p.as_dict() for p in profiles],
+        "workspace": opts.workspace, "opt_level": opts.opt_level, "targets": opts.targets,
+        "plugins": [str(Path(p).resolve()) for p in opts.plugins], "dla_core": opts.dla_core,
+    }))
+
+
+def stale_reason(out: Path, source: Path, record: dict) -> str | None:
+    """Why the engine at ``out`` is not what this build would make (None: it is)."""
+    report, why = sidecar.request_mismatch(report_path(out), record, "build report")
+    if why:
+        return why
+    if (report.get("source_onnx") or {}).get("sha256") != sidecar.file_sha256(source):
+        return f"it was built from another {source.name}"
+    if (report.get("engine") or {}).get("sha256") != sidecar.file_sha256(out):
+        return "the engine file changed after its build"
+    return None
+
+
+def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None, reuse: bool = False) -> dict:
+    """Build ``opts.onnx``; with ``reuse`` (recipes), keep an existing engine built the same way from the same ONNX."""
     backend, why = select(opts.backend)
     if why:
         say(why)
@@ -212,9 +250,17 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     out = Path(opts.output) if opts.output else default_output(opts, backend)
     if out.suffix not in (".engine", ".plan", ".trt"):
         raise EdgetokError(f"-o {out} should end in .engine (or .plan / .trt)")
+    source = Path(opts.onnx)
+    record = _request_record(opts, backend, profiles)
+    if reuse and out.is_file():
+        why = stale_reason(out, source, record)
+        if why is None:
+            say(f"reusing {out}: built from this ONNX with these options")
+            report = json.loads(report_path(out).read_text())
+            return {**report, "path": str(out), "reused": True}
+        say(f"rebuilding {out}: {why}")
     backend.prepare()
 
-    source = Path(opts.onnx)
     with atomic.staging_dir(out) as stage:
         work = stage / "work"
         work.mkdir()
@@ -256,7 +302,9 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
         engine_file = stage / out.name
         report = sidecar.stamp({
             "kind": "engine",
-            "engine": {"file": out.name, "bytes": engine_file.stat().st_size},
+            "engine": {"file": out.name, "bytes": engine_file.stat().st_size,
+                       "sha256": sidecar.file_sha256(engine_file)},
+            "request": record,
             "backend": {"name": backend.name, "version": event["library_version"]},
             "precision": opts.precision,
             "strongly_typed": backend.strongly_typed(version),
@@ -268,7 +316,7 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             "network_layers": _layer_counts(event["network_layers"]),
             "engine_layers": event["engine_layers"],
             "engine_inspector": event["engine_inspector"],
-            "source_onnx": {"path": str(source.resolve()), "sha256": _sha256(source)},
+            "source_onnx": {"path": str(source.resolve()), "sha256": sidecar.file_sha256(source)},
             "plugins": request["plugins"],
             "plugin_notes": event.get("plugin_notes", []),
             "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing")
@@ -288,7 +336,8 @@ def summary(report: dict) -> str:
     profile = report["profiles"][0][0]
     conv = report["fp16_conversion"]
     lines = [
-        f"wrote {report['path']} ({report['engine']['bytes'] / 1e6:.1f} MB) + {report_path(report['path']).name}",
+        f"{'reused' if report.get('reused') else 'wrote'} {report['path']} ({report['engine']['bytes'] / 1e6:.1f} MB)"
+        f" + {report_path(report['path']).name}",
         f"  backend    {report['backend']['name']} {report['backend']['version']}, {report['precision']}"
         + (", strongly typed" if report["strongly_typed"] else ""),
         f"  profile    {profile['name']}: min {profile['min']} opt {profile['opt']} max {profile['max']}",

@@ -1,6 +1,6 @@
 """The child process that parses and builds: a parser or builder fault kills only this process.
 
-Run as ``python -m edgetok.engine.worker REQUEST.json EVENTS_FD``. It reports on the pipe EVENTS_FD,
+Run as ``python -m edgetok.engine.worker REQUEST.json EVENTS_FD PARENT_PID``; it dies with that parent. It reports on the pipe EVENTS_FD,
 one JSON object per line: ``stage`` and ``progress`` while it works, then one of ``result``,
 ``parse_error`` (the failing nodes) or ``error``. The library's own log goes to stdout/stderr.
 """
@@ -153,7 +153,29 @@ def build(request: dict, events: Events) -> int:
     return 0
 
 
+def die_with_parent(parent: int) -> None:
+    """The build must not outlive edgetok: a killed parent (even by SIGKILL) takes its worker with it.
+    Linux delivers SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere, and for a parent
+    that died before this ran, a watchdog thread notices the new parent PID."""
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(9)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main() -> int:
+    die_with_parent(int(sys.argv[3]))
     request = json.loads(open(sys.argv[1]).read())
     events = Events(int(sys.argv[2]))
     try:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetok import hf
 from edgetok.errors import EdgetokError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,20 +67,20 @@ def load_causal_lm(folder: str) -> CausalLM:
     if not (path / "config.json").is_file():
         raise EdgetokError(f"{folder} has no config.json; give a Hugging Face causal-LM folder")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **hf.LOCAL)
     except Exception as exc:
-        raise EdgetokError(f"cannot read {folder}/config.json: {' '.join(str(exc).split())[:160]}") from None
+        raise hf.load_error(folder, "config.json", exc) from None
     has_weights = any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()
     try:
         if has_weights:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(path, **hf.LOCAL, dtype=torch.float32,
                                                          attn_implementation="eager")
         else:
             torch.manual_seed(0)
             config._attn_implementation = "eager"
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except ValueError as exc:
-        raise EdgetokError(f"{folder} is not a causal LM transformers can load: {' '.join(str(exc).split())[:160]}") from None
+        raise hf.load_error(folder, "a causal LM transformers can load", exc) from None
     return CausalLM(model.float().eval(), str(path), str(path.resolve()) if has_weights else "random")
 
 

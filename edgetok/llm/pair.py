@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from edgetok import atomic, sidecar
+from edgetok import atomic, hf, sidecar
 from edgetok.errors import EdgetokError
 from edgetok.llm.decoder import (
     PAST_KEY,
@@ -34,9 +34,9 @@ def _tokenizer(folder: str):
     if not any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, **hf.LOCAL)
     except Exception as exc:
-        raise EdgetokError(f"cannot load the tokenizer in {folder}: {' '.join(str(exc).split())[:160]}") from None
+        raise hf.load_error(folder, "the tokenizer", exc) from None
 
 
 def tokenizer_hash(tok) -> str:
@@ -133,7 +133,26 @@ def read_manifest(folder: str) -> dict:
         raise EdgetokError(f"{folder} does not exist; export a pair with `edgetok export spec-pair`")
     if not path.is_file():
         raise EdgetokError(f"{folder} has no {MANIFEST}; export it with `edgetok export spec-pair`")
-    return sidecar.load(path, "export the pair again")
+    manifest = sidecar.load(path, "export the pair again")
+    for key in ("target", "draft", "tokenizer"):
+        entry = manifest.get(key)
+        if isinstance(entry, dict):
+            for field in ("file", "folder"):
+                if field in entry:
+                    inside(folder, entry[field], f"{MANIFEST} {key}.{field}")
+    return manifest
+
+
+def inside(folder: str, relative, what: str) -> Path:
+    """A path a manifest names, refused unless it stays inside the pair folder (no .., no absolute, no link out)."""
+    root = Path(folder).resolve()
+    if not isinstance(relative, str) or not relative:
+        raise EdgetokError(f"{what} is {relative!r}; give a path inside {folder} (export the pair again)")
+    path = (root / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(root) or path == root:
+        raise EdgetokError(f"{what} {relative!r} points outside the pair folder {folder}; a pair only uses its own "
+                           "files: export it again")
+    return path
 
 
 def summary(manifest: dict) -> str:
@@ -141,7 +160,8 @@ def summary(manifest: dict) -> str:
     for role in ("target", "draft"):
         e = manifest[role]
         worst = max(e["validation"]["max_abs_diff"].values())
-        lines.append(f"  {role:7s} {e['source']} ({e['model_type']}, {e['num_hidden_layers']} layers, hidden "
+        layers = f"{e['num_hidden_layers']} layer" + ("s" if e["num_hidden_layers"] != 1 else "")
+        lines.append(f"  {role:7s} {e['source']} ({e['model_type']}, {layers}, hidden "
                      f"{e['hidden_size']}, weights: {e['weights']}); ONNX Runtime vs PyTorch max |diff| {worst:.1e} "
                      "over prefill/decode/verify/crop/other shapes")
     tok = manifest["tokenizer"]

@@ -4,11 +4,11 @@ memory, and the per-call costs that predict the speedup (round model)."""
 from __future__ import annotations
 
 import resource
-from pathlib import Path
 
 import numpy as np
 
 from edgetok import sidecar
+from edgetok.llm.pair import inside
 from edgetok.llm.runtime import encode_prompt, generate_speculative, generate_target, open_pair
 from edgetok.profile.environment import environment
 
@@ -106,7 +106,7 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
                         "estimated_speedup": estimate_speedup(alpha, k, costs) if alpha is not None else None,
                         "note": "not estimated: k adapts" if adaptive_k else None},
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   "model_files_mb": {r: (Path(folder) / manifest[r]["file"]).stat().st_size / 2**20
+                   "model_files_mb": {r: inside(folder, manifest[r]["file"], f"{r} file").stat().st_size / 2**20
                                       for r in ("target", "draft")},
                    "kv_cache_mb_at_max_length": {r: b / 2**20 for r, b in kv_bytes.items()}},
         "environment": environment(),

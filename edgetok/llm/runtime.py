@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetok import hf
 from edgetok.errors import EdgetokError
-from edgetok.llm.pair import read_manifest
+from edgetok.llm.pair import inside, read_manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -83,9 +84,10 @@ def open_pair(folder: str, draft_device: str = "cpu", target_device: str = "cpu"
     from more (measured here: 0.12 ms per step on one thread, 0.17 ms on two), and a second thread pool
     only competes with the target's."""
     manifest = read_manifest(folder)
-    root = Path(folder)
-    target = OrtDecoder(root / manifest["target"]["file"], manifest["target"], target_device, target_threads)
-    draft = OrtDecoder(root / manifest["draft"]["file"], manifest["draft"], draft_device, draft_threads)
+    target = OrtDecoder(inside(folder, manifest["target"]["file"], "target file"), manifest["target"], target_device,
+                        target_threads)
+    draft = OrtDecoder(inside(folder, manifest["draft"]["file"], "draft file"), manifest["draft"], draft_device,
+                       draft_threads)
     return manifest, target, draft
 
 
@@ -243,7 +245,11 @@ def encode_prompt(manifest: dict, folder: str, text: str | None, ids: list[int] 
 def _tokenizer(folder: str, manifest: dict):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(folder) / manifest["tokenizer"]["folder"], local_files_only=True)
+    path = inside(folder, manifest["tokenizer"]["folder"], "tokenizer folder")
+    try:
+        return AutoTokenizer.from_pretrained(path, **hf.LOCAL)
+    except Exception as exc:
+        raise hf.load_error(path, "the tokenizer", exc) from None
 
 
 def generate(folder: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 64,

@@ -63,6 +63,8 @@ def export_module(
             reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise EdgetokError(f"torch.onnx.export failed: {reason[:200]}; please report the model and options") from None
     model = onnx.load(str(path), load_external_data=False)
+    if _fix_static_dims(model, module, example):
+        onnx.save_model(model, str(path))  # external tensors keep their references
     if uses_external_data(model):
         model = consolidate_external_data(path)
     for value in [*model.graph.input, *model.graph.output]:
@@ -70,6 +72,21 @@ def export_module(
         if batch.dim_param != "batch":
             raise EdgetokError(f"export fixed the batch of {value.name!r} to {batch.dim_value}; report this model")
     return model
+
+
+def _fix_static_dims(model: onnx.ModelProto, module: torch.nn.Module, example: torch.Tensor) -> bool:
+    """Only the batch is dynamic; the exporter names the other output dims after the node making them
+    (``LayerNormalizationlast_hidden_state_dim_1``). Write the real sizes instead."""
+    with torch.no_grad():
+        outs = module(example)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    changed = False
+    for value, out in zip(model.graph.output, outs):
+        for dim, size in list(zip(value.type.tensor_type.shape.dim, out.shape))[1:]:
+            if dim.dim_param:
+                dim.dim_value = size  # clears dim_param (a oneof)
+                changed = True
+    return changed
 
 
 def io_signature(model: onnx.ModelProto) -> dict:

@@ -29,28 +29,32 @@ class Measurement:
         }
 
 
-def warm_up(runner: Runner, seconds: float) -> None:
-    start = time.perf_counter()
+def warm_up(runner: Runner, seconds: float, clock: Callable[[], float] = time.perf_counter) -> None:
+    start = clock()
     runner.infer()
-    while time.perf_counter() - start < seconds:
+    while clock() - start < seconds:
         runner.infer()
 
 
 def timed_round(runner: Runner, into: Measurement, seconds: float, iterations: int,
-                tick: Callable[[float], None] | None = None) -> None:
-    """Run until ``seconds`` have passed and ``iterations`` were done; wall time counts only here."""
-    start_mono, start = time.monotonic(), time.perf_counter()
+                tick: Callable[[float], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                window_clock: Callable[[], float] = time.monotonic) -> None:
+    """Run until ``seconds`` have passed and ``iterations`` were done; wall time counts only here.
+
+    ``clock`` times the loop (``wall_s``, the duration, progress ticks); ``window_clock`` stamps the round's
+    window, on the clock the tegrastats sampler stamps its samples with (time.monotonic)."""
+    start_mono, start = window_clock(), clock()
     done, last_tick = 0, start
     while True:
         into.records.append(runner.infer())
         done += 1
-        now = time.perf_counter()
+        now = clock()
         if tick and now - last_tick > 0.25:
             tick(now - last_tick)
             last_tick = now
         if now - start >= seconds and done >= iterations:
             break
     into.wall_s += now - start
-    into.windows.append((start_mono, time.monotonic()))
+    into.windows.append((start_mono, window_clock()))
     if tick:
         tick(now - last_tick)

@@ -14,6 +14,7 @@ from edgetok.errors import EdgetokError
 from edgetok.profile import compare
 from edgetok.profile.environment import environment
 from edgetok.profile.measure import Measurement, timed_round, warm_up
+from edgetok.profile.memory import check_batch_fits
 from edgetok.profile.runners import ENGINE_SUFFIXES, load_inputs, open_runner, random_inputs
 
 DEVICES = ("cpu", "cuda", "jetson")
@@ -68,15 +69,19 @@ def _precision(model: str) -> str:
     return "fp32"
 
 
-def _sidecar_facts(model: str) -> dict:
+def _export_sidecar(model: str) -> dict:
+    """The export's record: the ONNX sidecar, or the copy an engine's build report carries."""
     path = Path(model)
     if path.suffix in ENGINE_SUFFIXES:
         report = Path(f"{model}.build.json")
-        side = (json.loads(report.read_text()).get("export") or {}) if report.is_file() else {}
-    elif path.suffix == ".onnx" and sidecar.sidecar_path(model).is_file():
-        side = sidecar.read(model)
-    else:
-        side = {}
+        return (json.loads(report.read_text()).get("export") or {}) if report.is_file() else {}
+    if path.suffix == ".onnx" and sidecar.sidecar_path(model).is_file():
+        return sidecar.read(model)
+    return {}
+
+
+def _sidecar_facts(model: str) -> dict:
+    side = _export_sidecar(model)
     return {k: side.get(k) for k in ("flops", "reduction", "accuracy")}
 
 
@@ -93,6 +98,7 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
         if opts.inputs:
             feed, batch = load_inputs(opts.inputs, specs)
         else:
+            check_batch_fits(model, batch, specs, _export_sidecar(model), opts.device)
             feed = random_inputs(specs, batch, opts.seed)
         runner.set_inputs(feed)
         entries.append({"model": model, "label": label, "runner": runner, "batch": batch, "m": Measurement()})

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from edgetok.errors import EdgetokError
 
@@ -28,6 +29,7 @@ _GPU = re.compile(r"^GR3D\d*_FREQ$")
 # Rails that measure the whole module's input; POM_5V_IN is the JetPack 4 (Nano) name for it.
 INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 SENSOR_OFF_C = -256.0  # tegrastats prints this for a powered-down thermal zone (CV0@-256C)
+SIGTERM_GRACE_S = 2.0  # stop(): how long tegrastats gets to exit on SIGTERM before the group is SIGKILLed
 
 
 def _load_freq(token: str) -> tuple[int | None, list[int]] | None:
@@ -148,11 +150,17 @@ def _useful(parsed: dict) -> bool:
 
 class TegrastatsSampler:
     """tegrastats in its own session for the length of a timed window, so stop() can end it and anything it
-    started with one signal, and a reader thread stamps each line with time.monotonic() as it arrives."""
+    started with one signal, and a reader thread stamps each line with ``clock()`` as it arrives.
 
-    def __init__(self, interval_ms: int = 100, executable: str = "tegrastats"):
+    ``clock`` must be the clock of the windows given to summarize(): time.monotonic, as measure.timed_round
+    uses. ``clock`` and ``sleep`` also time stop()'s SIGTERM grace period; tests replace both."""
+
+    def __init__(self, interval_ms: int = 100, executable: str = "tegrastats",
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.interval_ms = int(interval_ms)
         self.executable = executable
+        self.clock = clock
+        self.sleep = sleep
         self.pid: int | None = None
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
@@ -189,6 +197,7 @@ class TegrastatsSampler:
             sel.register(fd, selectors.EVENT_READ)
             while True:
                 if self._closing.is_set():
+                    # Real time, not self.clock: this bound ends the thread whatever clock stamps the samples.
                     quiet_deadline = quiet_deadline or time.monotonic() + 1.0
                     if time.monotonic() > quiet_deadline:
                         break
@@ -202,7 +211,7 @@ class TegrastatsSampler:
                     break
                 if not chunk:
                     break
-                now = time.monotonic()
+                now = self.clock()
                 *lines, buf = (buf + chunk).split(b"\n")
                 for raw in lines:
                     parsed = parse_line(raw)
@@ -213,7 +222,7 @@ class TegrastatsSampler:
         self._tail = buf
 
     def stop(self) -> list[tuple[float, dict]]:
-        """SIGTERM the whole group, SIGKILL it after 2 s, reap, then collect; safe to call twice.
+        """SIGTERM the whole group, SIGKILL it after SIGTERM_GRACE_S, reap, then collect; safe to call twice.
 
         The leader is reaped only after the SIGKILL: until then its zombie keeps the group id from being
         reused, so the SIGKILL that catches children which outlived (or ignored) SIGTERM cannot hit a stranger.
@@ -223,9 +232,9 @@ class TegrastatsSampler:
             return list(self._samples)
         try:
             _signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 2
-            while not _exited(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            deadline = self.clock() + SIGTERM_GRACE_S
+            while not _exited(proc.pid) and self.clock() < deadline:
+                self.sleep(0.02)
             _signal_group(proc.pid, signal.SIGKILL)
             proc.kill()  # in case it somehow left its group: stop() must never hang on it
             proc.wait()

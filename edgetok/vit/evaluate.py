@@ -51,6 +51,18 @@ def image_folder(root: str, data_config: dict):
     return dataset
 
 
+def require_class_logits(model: str, outputs: list[str], head: str | None = None) -> None:
+    """eval compares class scores with labels; an encoder's features are not scores."""
+    if outputs and outputs[0] == "logits":
+        return
+    what = head or f"its outputs are {', '.join(outputs) or 'none'}"
+    raise EdgetokError(
+        f"{model} has no class logits ({what}); eval needs a classifier: export one with a head "
+        "(a timm model with num_classes > 0, or a Hugging Face folder whose config.json names "
+        "ViTForImageClassification in architectures or sets num_labels)"
+    )
+
+
 class Predictor:
     """Logits for a batch of preprocessed images, from ONNX Runtime, PyTorch or an engine."""
 
@@ -64,18 +76,26 @@ class Predictor:
 
             if not path.is_file():
                 raise EdgetokError(f"{model} does not exist")
+            self.sha256 = sidecar.file_sha256(model)
             self.session = ort_session(model)
+            if sidecar.file_sha256(model) != self.sha256:
+                raise EdgetokError(f"{model} changed while it was being loaded; run eval again when its export is done")
             self.input = self.session.get_inputs()[0].name
             self.preprocessing = preprocessing_for(model)
+            require_class_logits(model, [o.name for o in self.session.get_outputs()],
+                                 sidecar.read(model)["model"].get("head"))
         elif self.kind == "engine":
             from edgetok.profile.runners import TensorRTEngineRunner, engine_backend
 
             self.preprocessing = preprocessing_for(model)
+            exported = json.loads(Path(f"{model}.build.json").read_text())["export"]["model"]
+            require_class_logits(model, ["logits"] if exported.get("num_classes") else [], exported.get("head"))
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
         else:
             from edgetok.vit.loading import load_vit
 
             vit = load_vit(model, checkpoint)
+            require_class_logits(model, vit.output_names, vit.head)
             self.module, self.preprocessing = vit.module, vit.preprocessing
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -151,8 +171,24 @@ def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = No
     }
     if reference:
         result["reference"] = {"model": opts.reference, **agreement(logits, np.concatenate(ref_logits))}
-    if opts.write_sidecar and Path(opts.model).suffix == ".onnx":
-        side = sidecar.read(opts.model)
-        side["accuracy"] = result
-        sidecar.write(sidecar.sidecar_path(opts.model), side)
+    if opts.write_sidecar and predictor.kind == "onnx":
+        why = record_accuracy(opts.model, predictor.sha256, result)
+        if why:
+            result["not_recorded"] = why
     return result
+
+
+def record_accuracy(model: str, evaluated_sha256: str, result: dict) -> str | None:
+    """Add ``result`` to the ONNX's sidecar, under the sidecar lock, and only if both the file and its
+    sidecar are still the ones evaluated (an export may have replaced them meanwhile). Returns why it
+    was not recorded, or None."""
+    def change(side: dict) -> str | None:
+        if not Path(model).is_file() or sidecar.file_sha256(model) != evaluated_sha256:
+            return f"{model} was replaced during the evaluation; accuracy not recorded"
+        recorded = (side.get("onnx") or {}).get("sha256")
+        if recorded is not None and recorded != evaluated_sha256:
+            return f"{sidecar.sidecar_path(model).name} belongs to another ONNX; accuracy not recorded"
+        side["accuracy"] = result
+        return None
+
+    return sidecar.update(model, change)

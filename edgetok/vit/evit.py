@@ -23,6 +23,7 @@ def default_keep_layers(depth: int) -> list[int]:
 class EViT:
     name = "evit"
     proportional_attention = False
+    needs_class_token = True  # its scores are the class token's attention
 
     def __init__(self, keep_rate: float, keep_layers: list[int], depth: int):
         if not 0.0 < keep_rate <= 1.0:
@@ -44,7 +45,7 @@ class EViT:
             return 0, tokens
         return kept, prefix + kept + 1
 
-    def transform(self, kept: int, q, k, scale, prefix: int):
+    def transform(self, kept: int, q, k, scale, prefix: int, class_token: bool = True):
         """Keep-and-fuse for one block, from the class token's query and the keys [B, H, N, D]."""
         if kept == 0:
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,10 +16,11 @@ from edgetok.onnx.export import export_module, io_signature
 from edgetok.onnx.lint import lint
 from edgetok.onnx.validate import compare_with_torch
 from edgetok.vit.flops import vit_macs
-from edgetok.vit.loading import load_vit
+from edgetok.vit.loading import load_vit, weights_file
 from edgetok.vit.reduction import make_method, plan, reduce_vit
 
 INPUT_NAME = "pixel_values"
+MAX_EXPORT_BATCH = 64  # the traced example; validation runs one more
 
 
 @dataclass
@@ -49,10 +51,41 @@ def default_output(opts: ViTExportOptions) -> Path:
     return Path("edgetok-out") / f"{stem}_{tag}.onnx"
 
 
+REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "img_size")
+
+
+def export_request(opts: ViTExportOptions) -> dict:
+    """What an export was made from (model, weights, reduction), as recorded in its sidecar."""
+    req = {k: getattr(opts, k) for k in REQUEST_KEYS}
+    if Path(opts.model).is_dir():
+        req["model"] = str(Path(opts.model).resolve())
+    if opts.checkpoint:
+        req["checkpoint"] = str(Path(opts.checkpoint).resolve())
+    weights = weights_file(opts.model, opts.checkpoint)
+    req["weights_sha256"] = sidecar.file_sha256(weights) if weights and weights.is_file() else None
+    return json.loads(json.dumps(req))  # tuples become lists, as in the sidecar
+
+
+def stale_reason(out: Path, opts: ViTExportOptions) -> str | None:
+    """Why the ONNX at ``out`` is not what ``opts`` would export (None: it is, reuse it)."""
+    if not out.is_file():
+        return "missing"
+    recorded, why = sidecar.request_mismatch(sidecar.sidecar_path(out), export_request(opts), "sidecar")
+    if why:
+        return why
+    if (recorded.get("onnx") or {}).get("sha256") != sidecar.file_sha256(out):
+        return "the ONNX changed after its export"
+    return None
+
+
 def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: None) -> dict:
     """Run the whole export; returns the sidecar. Nothing is written unless every check passes."""
-    if opts.batch < 1:
-        raise EdgetokError(f"--batch {opts.batch} must be >= 1")
+    if not 1 <= opts.batch <= MAX_EXPORT_BATCH:
+        raise EdgetokError(
+            f"--batch {opts.batch} is out of range: give 1..{MAX_EXPORT_BATCH}. The export batch is only the example "
+            "traced (the ONNX takes any batch; engines get theirs from build-engine --batch), so a large one "
+            "only costs memory"
+        )
     out = Path(opts.output) if opts.output else default_output(opts)
     if out.suffix != ".onnx":
         raise EdgetokError(f"-o {out} must end in .onnx")
@@ -107,6 +140,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 "checkpoint": opts.checkpoint, "img_size": vit.img_size, "patch_size": vit.patch_size,
                 "in_chans": vit.in_chans, "prefix_tokens": vit.prefix_tokens, "embed_dim": vit.embed_dim,
                 "depth": vit.depth, "num_heads": vit.num_heads, "num_classes": vit.num_classes,
+                "head": vit.head,
             },
             "input_shape": ["batch", *shape],
             "preprocessing": vit.preprocessing,
@@ -124,8 +158,11 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
             "validation": comparison.as_dict(),
             "versions": sidecar.versions("torch", "timm", "transformers", "onnx", "onnxruntime"),
         })
+        data["onnx"]["sha256"] = sidecar.file_sha256(staged)
+        data["request"] = export_request(opts)
         sidecar.write(stage / sidecar.sidecar_path(out).name, data)
-        atomic.publish(stage, out.parent)
+        with sidecar.locked(out):  # an eval recording accuracy must not write the old sidecar over this one
+            atomic.publish(stage, out.parent)
     data["path"] = str(out)
     return data
 
@@ -136,6 +173,7 @@ def summary(data: dict) -> str:
     return "\n".join([
         f"wrote {data['path']} (+ {sidecar.sidecar_path(data['path']).name})",
         f"  model      {data['model']['name']} ({data['model']['family']}, weights: {data['model']['weights']})",
+        f"  head       {data['model'].get('head') or ', '.join(o['name'] for o in data['onnx']['outputs'])}",
         f"  method     {red['method']}  tokens {red['tokens_per_layer'][0][0]} -> {tokens[-1]} "
         f"(per block: {','.join(map(str, tokens))})",
         f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgetok import hf
 from edgetok.errors import EdgetokError
 from edgetok.vit import digits  # registers edgetok_digits_vit with timm
 
@@ -39,6 +40,8 @@ class LoadedViT:
     blocks: list[nn.Module]
     output_names: list[str]
     preprocessing: dict = field(default_factory=dict)
+    class_token: bool = True  # position 0 is a class token (ToMe keeps unmerged tokens in order then)
+    head: str = ""  # what the outputs are, and why that head was chosen
 
     @property
     def depth(self) -> int:
@@ -55,6 +58,18 @@ def load_vit(model: str, checkpoint: str | None = None, img_size: int | None = N
             raise EdgetokError(f"--checkpoint {checkpoint} applies to timm names; {model} is a folder with its own weights")
         return _load_hf(Path(model), img_size)
     return _load_timm(model, checkpoint, img_size)
+
+
+def weights_file(model: str, checkpoint: str | None = None) -> Path | None:
+    """The file ``load_vit`` takes weights from (None: random), without building the model."""
+    if checkpoint:
+        return Path(checkpoint)
+    if Path(model).is_dir():
+        return next((Path(model) / f for f in ("model.safetensors", "pytorch_model.bin")
+                     if (Path(model) / f).is_file()), None)
+    if model == digits.NAME and digits.WEIGHTS.is_file():
+        return digits.WEIGHTS
+    return None
 
 
 def _check_img_size(img_size: int, patch: int, name: str) -> None:
@@ -126,6 +141,9 @@ def from_timm(model: nn.Module, name: str, weights: str = "random") -> LoadedViT
         blocks=list(model.blocks),
         output_names=["logits" if model.num_classes else "features"],
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
+        class_token=getattr(model, "cls_token", None) is not None,
+        head=(f"classifier: {model.num_classes} classes" if model.num_classes
+              else "features: pooled embedding (num_classes=0, no class logits)"),
     )
 
 
@@ -175,19 +193,19 @@ def _load_hf(folder: Path, img_size: int | None) -> LoadedViT:
     if not (folder / "config.json").is_file():
         raise EdgetokError(f"{folder} has no config.json; give a Hugging Face model folder or a timm name")
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, **hf.LOCAL)
     except Exception as exc:
-        raise EdgetokError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
+        raise hf.load_error(folder, "config.json", exc) from None
     if config.model_type != "vit":
         raise EdgetokError(f"{folder} holds a {config.model_type!r} model; edgetok supports Hugging Face 'vit' models")
-    arch = (config.architectures or ["ViTModel"])[0]
-    cls = ViTForImageClassification if arch == "ViTForImageClassification" else ViTModel
     has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+    classifier, reason = _hf_head(folder, config, has_weights)
+    cls = ViTForImageClassification if classifier else ViTModel
     size = img_size if img_size is not None else config.image_size
     _check_img_size(size, config.patch_size, str(folder))
     if has_weights:
         try:
-            model = cls.from_pretrained(folder, local_files_only=True)
+            model = cls.from_pretrained(folder, **hf.LOCAL)
         except Exception as exc:
             raise EdgetokError(f"cannot load the weights in {folder}: {str(exc).splitlines()[0]}") from None
         weights = str(folder.resolve())
@@ -204,11 +222,46 @@ def _load_hf(folder: Path, img_size: int | None) -> LoadedViT:
         preprocessing = {k: p[k] for k in ("image_mean", "image_std", "rescale_factor") if k in p}
         # ViTImageProcessor resizes to the input size without a centre crop; PIL resample 2 is bilinear.
         preprocessing.update(crop_pct=1.0, interpolation={2: "bilinear", 3: "bicubic"}.get(p.get("resample"), "bilinear"))
-    return from_hf(model, str(folder), weights, size, preprocessing)
+    return from_hf(model, str(folder), weights, size, preprocessing, head_source=reason)
+
+
+def _hf_head(folder: Path, config, has_weights: bool) -> tuple[bool, str]:
+    """Whether the folder means a classifier, and why: its ``architectures``, else its weights (a
+    ``classifier.*`` tensor), else a label set in config.json (``num_labels`` / ``id2label``, which
+    ``save_pretrained`` writes only when they differ from the default)."""
+    import json
+
+    if config.architectures:
+        arch = config.architectures[0]
+        return arch == "ViTForImageClassification", f"architectures: {arch}"
+    if has_weights:
+        names = _weight_names(folder)
+        found = any(n.startswith("classifier.") for n in names)
+        return found, "weights " + ("have" if found else "have no") + " classifier.* tensors (no architectures)"
+    raw = json.loads((folder / "config.json").read_text())
+    if "id2label" in raw or "num_labels" in raw:
+        return True, f"config.json sets {config.num_labels} labels (no architectures)"
+    return False, "config.json names no architectures and no labels"
+
+
+def _weight_names(folder: Path) -> list[str]:
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+                return list(f.keys())
+        except Exception as exc:
+            raise EdgetokError(f"cannot read {folder}/model.safetensors: {str(exc).splitlines()[0]}") from None
+    try:
+        return list(torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True))
+    except Exception as exc:
+        raise EdgetokError(f"cannot read {folder}/pytorch_model.bin: {str(exc).splitlines()[0]}") from None
 
 
 def from_hf(
-    model: nn.Module, name: str, weights: str = "random", img_size: int | None = None, preprocessing: dict | None = None
+    model: nn.Module, name: str, weights: str = "random", img_size: int | None = None, preprocessing: dict | None = None,
+    head_source: str = "",
 ) -> LoadedViT:
     """Describe an already-built Hugging Face ViTModel / ViTForImageClassification."""
     from transformers import ViTForImageClassification
@@ -222,8 +275,10 @@ def from_hf(
     classifier = isinstance(model, ViTForImageClassification)
     if classifier:
         outputs = ["logits"]
+        head = f"classifier: {type(model).__name__}, {config.num_labels} classes"
     else:
         outputs = ["last_hidden_state"] + (["pooler_output"] if vit.pooler is not None else [])
+        head = f"encoder: {type(model).__name__} -> {', '.join(outputs)} (no class logits)"
     return LoadedViT(
         module=_HFOutputs(model, interpolate=size != config.image_size).eval(),
         family="hf",
@@ -241,4 +296,5 @@ def from_hf(
         blocks=list(vit.layers),
         output_names=outputs,
         preprocessing=preprocessing,
+        head=head + (f"; {head_source}" if head_source else ""),
     )

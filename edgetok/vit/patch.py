@@ -22,10 +22,11 @@ from edgetok.vit.token_transform import apply_transform
 class ReductionState:
     """State shared by the patched blocks: the method, its per-block amounts, and token sizes."""
 
-    def __init__(self, method, amounts: list[int], prefix: int):
+    def __init__(self, method, amounts: list[int], prefix: int, class_token: bool = True):
         self.method = method
         self.amounts = amounts
         self.prefix = prefix
+        self.class_token = class_token
         self.size: torch.Tensor | None = None
 
 
@@ -48,7 +49,7 @@ class _ReducingMixin:
         state = self._edgetok_state
         taps = self._edgetok_taps
         amount = state.amounts[self._edgetok_layer]
-        step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix)
+        step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix, state.class_token)
         taps.pop("q"), taps.pop("k")
         if step is None:
             return x
@@ -100,7 +101,7 @@ def _tap(taps: dict, key: str, heads: int | None = None):
 
 def patch_blocks(vit: LoadedViT, method, amounts: list[int]) -> ReductionState:
     """Swap every block of ``vit`` for its reducing subclass, driven by ``method``'s plan."""
-    state = ReductionState(method, amounts, vit.prefix_tokens)
+    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token)
     for layer, block in enumerate(vit.blocks):
         taps: dict = {}
         if type(block) is Block and type(block.attn) is Attention:

@@ -61,6 +61,9 @@ def make_method(
 
 def plan(vit: LoadedViT, method) -> ReductionPlan:
     """Per-block token counts (static for a given image size); checks the method fits the model."""
+    if getattr(method, "needs_class_token", False) and not vit.class_token:
+        raise EdgetokError(f"--method {method.name} scores tokens by the class token's attention, and {vit.name} "
+                           "has no class token; use --method tome")
     tokens, amounts, n = [], [], vit.num_tokens
     for layer in range(vit.depth):
         amount, after = (0, n) if method is None else method.plan_layer(layer, n, vit.prefix_tokens)

@@ -1,9 +1,11 @@
 """ToMe: bipartite soft matching (Bolya et al., 2023), as a token transform.
 
-Prefix tokens (class, distillation, registers) are never merged and never receive a merge; the
-patch tokens alternate between set A (even) and set B (odd); each A token finds its most similar
-B token by cosine similarity of the head-averaged keys; the ``r`` A tokens with the best matches
-are averaged (by size) into their match. Proportional attention adds ``log(size)`` to the logits.
+All tokens alternate between set A (even positions) and set B (odd), as in the reference code;
+each A token finds its most similar B token by cosine similarity of the head-averaged keys; the
+``r`` A tokens with the best matches are averaged (by size) into their match. The class token (A)
+is never merged and a distillation token (B) never receives a merge, as in the reference; register
+tokens, which the reference predates, are protected the same way by the set they fall in.
+Proportional attention adds ``log(size)`` to the logits.
 """
 
 from __future__ import annotations
@@ -82,21 +84,31 @@ class ToMe:
             r = most
         return r, tokens - r
 
-    def transform(self, r: int, q, k, scale, prefix: int):
-        """The merge for one block, from its keys ``k`` [B, H, N, D]."""
+    def transform(self, r: int, q, k, scale, prefix: int, class_token: bool = True):
+        """The merge for one block, from its keys ``k`` [B, H, N, D].
+
+        As the reference: A = positions 0, 2, 4, ... and B = 1, 3, 5, ... of *all* tokens. A prefix
+        token in A (the class token) is never merged, one in B (a distillation token) never receives
+        a merge: the reference's -inf row and column, realised by leaving them out of the score
+        matrix (the same argmax and ranking, with no -inf in the graph). Prefix tokens come first;
+        with a class token the unmerged A tokens keep their order (the reference sorts them),
+        without one they stay in ranking order, as the reference leaves them.
+        """
         if r == 0:
             return None
         metric = k.mean(dim=1)  # [B, N, D]: keys averaged over heads
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, prefix::2], metric[:, prefix + 1 :: 2]
+        a_prefix, b_prefix = (prefix + 1) // 2, prefix // 2  # prefix tokens at even / odd positions
+        a, b = metric[:, 2 * a_prefix :: 2], metric[:, 2 * b_prefix + 1 :: 2]
         n_a, n_b = a.shape[1], b.shape[1]
         best, match = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
-        order = best.topk(n_a, dim=-1).indices  # A tokens by how well they match
-        src_a = order[:, :r]
-        unmerged_a = order[:, r:].topk(n_a - r, dim=-1, largest=False).values  # original order
+        order = best.topk(n_a, dim=-1).indices  # A tokens by how well they match, best first
+        src_a, unmerged_a = order[:, :r], order[:, r:]
+        if class_token:
+            unmerged_a = unmerged_a.topk(n_a - r, dim=-1, largest=False).values  # original order
         batch = k.shape[0]
         prefix_idx = torch.arange(prefix, device=k.device).expand(batch, prefix)
-        b_idx = (torch.arange(n_b, device=k.device) * 2 + prefix + 1).expand(batch, n_b)
-        keep = torch.cat([prefix_idx, unmerged_a * 2 + prefix, b_idx], dim=1)
+        b_idx = (torch.arange(n_b, device=k.device) * 2 + 2 * b_prefix + 1).expand(batch, n_b)
+        keep = torch.cat([prefix_idx, unmerged_a * 2 + 2 * a_prefix, b_idx], dim=1)
         dst = torch.gather(match, 1, src_a) + (prefix + n_a - r)
-        return TokenTransform(keep=keep, src=src_a * 2 + prefix, dst=dst), None
+        return TokenTransform(keep=keep, src=src_a * 2 + 2 * a_prefix, dst=dst), None
