@@ -95,6 +95,21 @@ def test_shipped_pair_greedy_is_lossless(tmp_path_factory, k):
         assert b["mean_tokens_per_round"] > 1.5  # a trained draft agrees often (a random one gives 1.0)
 
 
+@pytest.mark.skipif(not (SHIPPED / "target" / "config.json").is_file(), reason="the shipped pair is exported by tools/train_spec_pair.py")
+def test_shipped_target_writes_recognisable_python_for_the_readme_prompt(tmp_path_factory):
+    """The README's example must show code: not whitespace, not one word repeated (what the first pair wrote)."""
+    import re
+
+    pair = tmp_path_factory.getbasetemp() / "shipped_pair"
+    if not pair.exists():
+        export_pair(str(SHIPPED / "target"), str(SHIPPED / "draft"), str(pair))
+    text = generate(str(pair), prompt="def read_file(path):", max_new_tokens=64, mode="speculative", k=4)["text"]
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    assert len(text.strip()) > 32 and sum(c.isspace() for c in text) < len(text) / 2, repr(text)
+    assert len(set(words)) >= 5 and max(words.count(w) for w in words) <= len(words) / 2, repr(text)
+    assert "\n    " in text  # an indented body follows the signature
+
+
 class Bigram:
     """A stand-in decoder whose next-token logits depend on the previous token only (exact p known)."""
 
