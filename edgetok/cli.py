@@ -410,15 +410,12 @@ def _main(argv: list[str] | None) -> int:
     except click.UsageError as exc:
         click.echo(f"error: {exc.format_message()} (see --help)", err=True)
         return 2
-    except click.Abort as exc:
-        if isinstance(exc.__cause__, Terminated):
+    except (click.Abort, Terminated) as exc:  # click turns Ctrl-C and SIGTERM into Abort
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
             click.echo("error: terminated (SIGTERM); nothing was written", err=True)
             return 143
         click.echo("error: aborted", err=True)
         return 130
-    except Terminated:  # arrived outside click's own handling
-        click.echo("error: terminated (SIGTERM); nothing was written", err=True)
-        return 143
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("EDGETOK_DEBUG"):
             raise

@@ -15,17 +15,19 @@ from edgetok.errors import EdgetokError
 from edgetok.profile.runners import ENGINE_SUFFIXES
 
 
-def preprocessing_for(model: str) -> dict:
-    """The data config of an exported file: from the export sidecar (ONNX) or the build report (engine)."""
+def export_record(model: str) -> dict:
+    """What eval needs from an exported file's export (preprocessing, model and head), read once: the
+    export sidecar for an ONNX file, the copy in the build report for an engine."""
     path = Path(model)
     if path.suffix == ".onnx":
-        return sidecar.read(model)["preprocessing"]
+        return sidecar.read(model)
     if path.suffix in ENGINE_SUFFIXES:
         report = Path(f"{model}.build.json")
-        if not report.is_file() or not (json.loads(report.read_text()).get("export") or {}).get("preprocessing"):
+        export = (json.loads(report.read_text()).get("export") or {}) if report.is_file() else {}
+        if not export.get("preprocessing"):
             raise EdgetokError(f"{model} has no build report with the export's preprocessing; rebuild it with "
                                "`edgetok build-engine` from an edgetok export")
-        return json.loads(report.read_text())["export"]["preprocessing"]
+        return export
     raise EdgetokError(f"{model} is not an exported file; timm names get their data config from timm")
 
 
@@ -81,14 +83,15 @@ class Predictor:
             if sidecar.file_sha256(model) != self.sha256:
                 raise EdgetokError(f"{model} changed while it was being loaded; run eval again when its export is done")
             self.input = self.session.get_inputs()[0].name
-            self.preprocessing = preprocessing_for(model)
-            require_class_logits(model, [o.name for o in self.session.get_outputs()],
-                                 sidecar.read(model)["model"].get("head"))
+            record = export_record(model)
+            self.preprocessing = record["preprocessing"]
+            require_class_logits(model, [o.name for o in self.session.get_outputs()], record["model"].get("head"))
         elif self.kind == "engine":
             from edgetok.profile.runners import TensorRTEngineRunner, engine_backend
 
-            self.preprocessing = preprocessing_for(model)
-            exported = json.loads(Path(f"{model}.build.json").read_text())["export"]["model"]
+            record = export_record(model)
+            self.preprocessing = record["preprocessing"]
+            exported = record.get("model") or {}
             require_class_logits(model, ["logits"] if exported.get("num_classes") else [], exported.get("head"))
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
         else:
