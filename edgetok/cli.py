@@ -67,16 +67,17 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch for export (batch stays dynamic).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--allow-unsupported-ops", is_flag=True, help="Write the ONNX even if TensorRT would reject some nodes.")
+@click.option("--plugins", is_flag=True, help="Each ToMe step as one edgetok::TokenMerge plugin node (fused kernel).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
 def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, img_size, batch, opset,
-                   allow_unsupported_ops, output) -> None:
+                   allow_unsupported_ops, plugins, output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
     opts = ViTExportOptions(
         model=model, checkpoint=checkpoint, method=method, r=r, r_schedule=r_schedule, keep_rate=keep_rate,
         keep_layers=_ints(keep_layers), img_size=img_size, batch=batch, opset=opset, output=output,
-        allow_unsupported_ops=allow_unsupported_ops,
+        allow_unsupported_ops=allow_unsupported_ops, plugins=plugins,
     )
     click.echo(summary(export_vit(opts, _say)))
 
@@ -378,6 +379,50 @@ def data_digits_cmd(output) -> None:
     click.echo(f"wrote {info['images']} images in {info['classes']} class folders to {info['path']}")
 
 
+@cli.group()
+def plugins() -> None:
+    """edgetok's TensorRT plugins: specs, kernels checked against references, cubins built ahead of time."""
+
+
+@plugins.command("list")
+def plugins_list_cmd() -> None:
+    """Every plugin spec and which of its implementations exist here."""
+    from edgetok.plugins.inventory import describe
+
+    click.echo(describe())
+
+
+@plugins.command("check")
+@click.option("--device", default="cpu", show_default=True, help="cpu (Triton's interpreter) or cuda (a GPU).")
+def plugins_check_cmd(device) -> None:
+    """Run every kernel against its reference on random and adversarial inputs; exit 1 on a mismatch."""
+    from edgetok.plugins.check import run_checks, summary
+
+    results = run_checks(device, _say)
+    click.echo(summary(results))
+    if not all(r.passed for r in results):
+        raise click.exceptions.Exit(1)
+
+
+@plugins.command("build")
+@click.option("--arch", "archs", default="sm86,sm87,sm89,sm90,sm110,sm120", show_default=True,
+              help="GPU architectures: sm87 Orin, sm110 Thor, sm86/sm89/sm120 RTX, sm90 H200.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write a bundle (.cubins.zip) here.")
+def plugins_build_cmd(archs, output) -> None:
+    """Compile every kernel ahead of time (no GPU needed) into cubins and a manifest."""
+    from edgetok.plugins import cubins
+
+    chosen = cubins.parse_archs(archs)
+    if output and not output.endswith(".cubins.zip"):
+        raise EdgetokError(f"-o {output} should end in .cubins.zip (engines and ONNX files look for NAME.cubins.zip "
+                           "beside them)")
+    folder = cubins.build(chosen, _say)
+    click.echo(cubins.describe(folder / "manifest.json"))
+    if output:
+        cubins.write_bundle(Path(output), chosen, _say)
+        click.echo(f"wrote {output}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: unwinding runs every cleanup (staging folders, worker processes)."""
 
@@ -401,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     try:
-        cli.main(args=argv, prog_name="edgetok", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a command's click Exit.
+        code = cli.main(args=argv, prog_name="edgetok", standalone_mode=False)
     except EdgetokError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
@@ -422,7 +468,7 @@ def _main(argv: list[str] | None) -> int:
         click.echo(f"error: internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                    "(rerun with EDGETOK_DEBUG=1 for the traceback, and please report it)", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def run() -> None:

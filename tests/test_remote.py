@@ -165,6 +165,8 @@ def test_companions(tmp_path):
     assert companions(engine) == [tmp_path / "vit.engine.build.json"]
     (tmp_path / "vit.edgetok.json").write_text("x")
     assert companions(engine) == [tmp_path / "vit.edgetok.json", tmp_path / "vit.engine.build.json"]
+    (tmp_path / "vit.engine.cubins.zip").write_text("x")  # the plugin kernels an engine launches go along
+    assert companions(engine)[-1] == tmp_path / "vit.engine.cubins.zip"
 
 
 # ----------------------------------------------------------------------------------- error paths

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgetok import atomic, sidecar
-from edgetok.engine.backend import Backend, select
+from edgetok.engine.backend import RTX_TARGETS, Backend, select
 from edgetok.engine.options import BuildOptions, InputProfile, parse_batch, parse_shapes
 from edgetok.errors import EdgetokError
 
@@ -209,13 +209,114 @@ def progress(enabled: bool):
             thread.join()
 
 
-def _request_record(opts: BuildOptions, backend: Backend, profiles) -> dict:
-    """What decides an engine's contents besides its ONNX: recorded in the report, compared on reuse."""
-    return json.loads(json.dumps({
+def _request_record(opts: BuildOptions, backend: Backend, profiles, edgetok_plugins: dict | None = None) -> dict:
+    """What decides an engine's contents besides its ONNX: recorded in the report, compared on reuse.
+    ``edgetok_plugins`` (only for graphs with edgetok nodes, so plain engines stay reusable) names the plugins,
+    the kernel sources and the cubins the engine is built with: any change rebuilds."""
+    record = {
         "backend": backend.name, "precision": opts.precision, "profiles": [p.as_dict() for p in profiles],
         "workspace": opts.workspace, "opt_level": opts.opt_level, "targets": opts.targets,
         "plugins": [str(Path(p).resolve()) for p in opts.plugins], "dla_core": opts.dla_core,
-    }))
+    }
+    if edgetok_plugins:
+        record["edgetok_plugins"] = edgetok_plugins
+    return json.loads(json.dumps(record))
+
+
+def _plugin_uses(model: onnx.ModelProto, source: Path) -> list[dict]:
+    """The edgetok plugins the graph needs; an unknown op or version is refused here, naming the fix,
+    instead of as a parser error deep in the build."""
+    from edgetok.plugins.spec import NAMESPACE, PluginError, uses
+
+    if not any(n.domain == NAMESPACE for n in model.graph.node):
+        return []
+    try:
+        return uses(model)
+    except PluginError as exc:
+        raise EdgetokError(f"{source.name}: {exc}") from None
+
+
+def _kernel_sources(uses: list[dict]) -> str:
+    """A digest of the code that decides the plugins' part of an engine: shape rules and kernels."""
+    import hashlib
+    import importlib.util
+
+    from edgetok.plugins.spec import get
+
+    digest = hashlib.sha256()
+    for use in uses:
+        spec = get(use["name"], use["version"])
+        for module in (spec.output_shapes.__module__, f"edgetok.plugins.kernels.{spec.kernels}",
+                       f"edgetok.plugins.kernels.{spec.kernels}_plan"):
+            digest.update(Path(importlib.util.find_spec(module).origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# TensorRT-RTX's default compute capabilities (SM 8.0, 8.6, 8.9, 12.0) that edgetok has kernels for
+RTX_DEFAULT_ARCHS = ("sm86", "sm89", "sm120")
+
+
+def _cubin_archs(opts: BuildOptions, backend: Backend) -> list[str]:
+    """The architectures to carry cubins for: TensorRT-RTX's targets (or its defaults); for TensorRT, which
+    builds on the GPU the engine will run on, every architecture edgetok compiles for."""
+    from edgetok.plugins import cubins
+
+    if backend.name != "tensorrt-rtx":
+        return list(cubins.ARCHS)
+    if not opts.targets:
+        return [a for a in RTX_DEFAULT_ARCHS if a in cubins.ARCHS]
+    missing = [t for t in opts.targets if t not in cubins.ARCHS]
+    if missing:
+        raise EdgetokError(f"--target {missing[0]}: the graph has edgetok plugin nodes, whose kernels edgetok "
+                           f"compiles for {', '.join(a for a in cubins.ARCHS if a in RTX_TARGETS)} only; "
+                           "choose among those targets")
+    return list(opts.targets)
+
+
+def _plugin_setup(opts: BuildOptions, backend: Backend, source: Path, uses: list[dict]) -> dict | None:
+    """The plugin part of the request record: which plugins, which kernel code and compiler, which cubins."""
+    if not uses:
+        return None
+    from importlib import metadata
+
+    from edgetok.plugins.cubins import bundle_path
+
+    beside = bundle_path(source)
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    return {
+        "uses": uses,
+        "kernels": _kernel_sources(uses),
+        "triton": triton,
+        "archs": _cubin_archs(opts, backend),
+        "bundle_sha256": sidecar.file_sha256(beside) if beside.is_file() else None,
+    }
+
+
+def _stage_bundle(setup: dict, source: Path, target: Path, say: Callable[[str], None]) -> None:
+    """Put the cubins beside the engine-to-be, in the staging folder, so that they are published with it:
+    a copy of the export's bundle when it covers every architecture needed, else freshly compiled ones."""
+    import shutil
+
+    from edgetok.plugins import cubins
+
+    beside = cubins.bundle_path(source)
+    if beside.is_file():
+        have = cubins.Bundle.open(beside).archs
+        lacking = [a for a in setup["archs"] if a not in have]
+        if not lacking:
+            say(f"using the plugin cubins in {beside.name}")
+            shutil.copyfile(beside, target)
+            return
+        say(f"{beside.name} has no {lacking[0]} cubins; compiling the plugin kernels instead")
+    say(f"compiling the plugin kernels for {', '.join(setup['archs'])}")
+    try:
+        cubins.write_bundle(target, setup["archs"], say=lambda text: text.startswith("wrote ") or say(text))
+    except ImportError as exc:
+        raise EdgetokError(f"compiling the plugin kernels needs Triton ({exc.name} is missing): pip install triton, "
+                           f"or put a bundle from `edgetok plugins build -o {beside}` beside the ONNX") from None
 
 
 def stale_reason(out: Path, source: Path, record: dict) -> str | None:
@@ -227,7 +328,46 @@ def stale_reason(out: Path, source: Path, record: dict) -> str | None:
         return f"it was built from another {source.name}"
     if (report.get("engine") or {}).get("sha256") != sidecar.file_sha256(out):
         return "the engine file changed after its build"
+    cubins = (report.get("edgetok_plugins") or {}).get("cubins")
+    if cubins:
+        beside = out.with_name(cubins["file"])
+        if not beside.is_file() or sidecar.file_sha256(beside) != cubins["sha256"]:
+            return f"its plugin kernels {cubins['file']} are missing or changed"
     return None
+
+
+RUNTIME_NOTE = ("edgetok Python plugins: the process that deserializes this engine must first call "
+                "edgetok.plugins.tensorrt.register(trt, bundle_path) with the .cubins.zip beside it "
+                "(edgetok profile/eval do); trtexec and C++ applications cannot run it")
+
+
+def _bundle_summary(path: Path) -> dict:
+    """The bundle's manifest in brief: architectures, compiler versions, kernels and their parameters."""
+    from edgetok.plugins.cubins import Bundle
+
+    manifest = Bundle.open(path).manifest
+    return {
+        "archs": list(manifest["archs"]),
+        "triton": manifest.get("triton"),
+        "ptx_version": manifest.get("ptx_version"),
+        "targets": {a: {k: v for k, v in info.items() if k in ("target", "ptx_version")}
+                    for a, info in manifest["archs"].items()},
+        "kernels": {name: {"plugin": k.get("plugin"), "num_warps": k.get("num_warps"),
+                           "params": [f"{p['name']}:{p['type']}" for p in k["params"]],
+                           "hidden_params": sum(bool(p.get("hidden")) for p in k["params"])}
+                    for name, k in manifest["kernels"].items()},
+    }
+
+
+def _plugins_report(setup: dict, bundle: Path) -> dict:
+    return {
+        "plugins": setup["uses"],
+        "kernels_digest": setup["kernels"],
+        "cubins": {"file": bundle.name, "bytes": bundle.stat().st_size, "sha256": sidecar.file_sha256(bundle),
+                   **_bundle_summary(bundle)},
+        "requires_edgetok_runtime": True,
+        "runtime": RUNTIME_NOTE,
+    }
 
 
 def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None, reuse: bool = False) -> dict:
@@ -251,7 +391,8 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     if out.suffix not in (".engine", ".plan", ".trt"):
         raise EdgetokError(f"-o {out} should end in .engine (or .plan / .trt)")
     source = Path(opts.onnx)
-    record = _request_record(opts, backend, profiles)
+    plugin_setup = _plugin_setup(opts, backend, source, _plugin_uses(model, source))
+    record = _request_record(opts, backend, profiles, plugin_setup)
     if reuse and out.is_file():
         why = stale_reason(out, source, record)
         if why is None:
@@ -264,6 +405,12 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     with atomic.staging_dir(out) as stage:
         work = stage / "work"
         work.mkdir()
+        bundle = None
+        if plugin_setup:
+            from edgetok.plugins.cubins import bundle_path
+
+            bundle = stage / bundle_path(out.name).name
+            _stage_bundle(plugin_setup, source, bundle, say)
         conversion = None
         onnx_to_parse = source
         if opts.precision != "fp32" and backend.strongly_typed(version):
@@ -285,6 +432,7 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             "profiles": [[p.as_dict() for p in profiles]],
             "plugins": [str(Path(p).resolve()) for p in opts.plugins],
             "save_timing_cache": opts.timing_cache if backend.name == "tensorrt" else None,
+            "edgetok_plugins": {"bundle": str(bundle)} if bundle else None,
         }
         event, log_tail = _run_worker(request, work, say)
         if event.get("event") == "parse_error":
@@ -296,7 +444,7 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
                 "`edgetok export` lints for such ops before writing a model"
             )
         if event.get("event") != "result":
-            detail = f" (log: {log_tail})" if log_tail else ""
+            detail = f" (log: {log_tail})" if log_tail and not event.get("plugin") else ""
             raise EdgetokError(f"{backend.name} build failed: {event.get('message', 'no result')}{detail}")
 
         engine_file = stage / out.name
@@ -314,11 +462,13 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             **backend.notes(opts),
             "build_seconds": round(event["build_seconds"], 2),
             "network_layers": _layer_counts(event["network_layers"]),
+            "network_outputs": event.get("network_outputs"),
             "engine_layers": event["engine_layers"],
             "engine_inspector": event["engine_inspector"],
             "source_onnx": {"path": str(source.resolve()), "sha256": sidecar.file_sha256(source)},
             "plugins": request["plugins"],
             "plugin_notes": event.get("plugin_notes", []),
+            "edgetok_plugins": _plugins_report(plugin_setup, bundle) if bundle else None,
             "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing")
                        if k in side} if side else None,
         })
@@ -348,6 +498,13 @@ def summary(report: dict) -> str:
     if conv:
         lines.append(f"  fp16 ONNX  validated in ONNX Runtime: cosine {conv['cosine']:.6f}, "
                      f"max |diff| {conv['max_abs_diff']:.2e}")
+    plugins = report.get("edgetok_plugins")
+    if plugins:
+        cubins = plugins["cubins"]
+        lines.append("  plugins    " + ", ".join(f"{p['namespace']}::{p['name']} v{p['version']} x{p['nodes']}"
+                                                 for p in plugins["plugins"])
+                     + f"; kernels in {cubins['file']} ({', '.join(cubins['archs'])}); runs only where edgetok "
+                     "registers its plugins (Python)")
     if report["engine_layers"] is None:
         lines.append(f"  engine     per-layer info unavailable: {report['engine_inspector']}")
     return "\n".join(lines)

@@ -39,6 +39,16 @@ def _parser_errors(parser) -> list[dict]:
     return errors
 
 
+def _plugin_failure(request: dict) -> str | None:
+    """Why an edgetok plugin refused the build: TensorRT reports only that a plugin callback failed."""
+    if not request.get("edgetok_plugins"):
+        return None
+    from edgetok.plugins.tensorrt import failures
+
+    found = failures()
+    return found[0] if found else None
+
+
 def _progress_monitor(trt, events: Events):
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
@@ -88,6 +98,12 @@ def build(request: dict, events: Events) -> int:
 
     registry = trt.get_plugin_registry()
     plugin_notes = []
+    edgetok_plugins = request.get("edgetok_plugins")
+    if edgetok_plugins:  # Python creators must be registered before the parser meets an edgetok node
+        from edgetok.plugins.tensorrt import register
+
+        events.send("stage", text="registering edgetok plugins")
+        register(trt, edgetok_plugins["bundle"])
     for lib in request["plugins"]:
         events.send("stage", text=f"loading plugin library {lib}")
         try:
@@ -108,10 +124,16 @@ def build(request: dict, events: Events) -> int:
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(request["onnx"]):
-        events.send("parse_error", nodes=_parser_errors(parser))
+        reason = _plugin_failure(request)
+        if reason:
+            events.send("error", message=reason, plugin=True)
+        else:
+            events.send("parse_error", nodes=_parser_errors(parser))
         return 3
     network_layers = [{"name": network.get_layer(i).name, "type": network.get_layer(i).type.name}
                       for i in range(network.num_layers)]
+    network_outputs = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype.name}
+                       for t in map(network.get_output, range(network.num_outputs))]
 
     if "memory_pool_limits" in settings:
         settings["memory_pool_limits"] = {getattr(trt.MemoryPoolType, k): v
@@ -142,12 +164,13 @@ def build(request: dict, events: Events) -> int:
                                           save_timing_cache=request.get("save_timing_cache"))()
     seconds = time.perf_counter() - start
     if engine_bytes is None:
-        events.send("error", message="the builder returned no engine (see the log above)")
+        reason = _plugin_failure(request)
+        events.send("error", message=reason or "the builder returned no engine (see the log above)", plugin=bool(reason))
         return 4
     with open(request["engine"], "wb") as f:
         f.write(engine_bytes)
     engine_layers, inspect_note = _engine_layers(trt, logger, engine_bytes)
-    events.send("result", build_seconds=seconds, network_layers=network_layers,
+    events.send("result", build_seconds=seconds, network_layers=network_layers, network_outputs=network_outputs,
                 engine_layers=engine_layers, engine_inspector=inspect_note or "ok", plugin_notes=plugin_notes,
                 library_version=trt.__version__)
     return 0
@@ -181,8 +204,9 @@ def main() -> int:
     try:
         return build(request, events)
     except Exception as exc:  # library errors arrive as exceptions: report them as one line
-        message = " ".join(str(exc).split())[:500] or type(exc).__name__
-        events.send("error", message=message)
+        reason = _plugin_failure(request)
+        message = reason or " ".join(str(exc).split())[:500] or type(exc).__name__
+        events.send("error", message=message, plugin=bool(reason))
         return 5
 
 

@@ -22,9 +22,12 @@ def convert_to_fp16(source: Path, target: Path) -> None:
     # which then feed fp16 consumers with fp32 data; those casts must produce fp16 too.
     own_casts = {n.name for n in model.graph.node
                  if n.op_type == "Cast" and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.FLOAT}
+    # Plugin nodes take float32 (the reduction step stays in float): the converter casts around them.
+    plugins = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+        converted = float16.convert_float_to_float16(model, keep_io_types=True,
+                                                     op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + plugins)
     for node in converted.graph.node:
         if node.name in own_casts:
             node.attribute[0].i = onnx.TensorProto.FLOAT16

@@ -36,11 +36,29 @@ def _nodes(graph: onnx.GraphProto):
                     yield from _nodes(g)
 
 
+def _plugin_problem(node: onnx.NodeProto) -> str | None:
+    """Our own ops are checked against their specs; other custom domains need a plugin edgetok does not have."""
+    from edgetok.plugins.spec import NAMESPACE, PluginError, get, node_fields
+
+    if node.domain != NAMESPACE:
+        return f"custom domain {node.domain!r}: TensorRT needs a plugin for it, and edgetok registers only {NAMESPACE!r}"
+    fields = node_fields(node)
+    version = fields.get("plugin_version", b"1")
+    try:
+        get(node.op_type, version.decode() if isinstance(version, bytes) else str(version)).resolve(fields)
+    except PluginError as exc:
+        return str(exc)
+    return None
+
+
 def lint(model: onnx.ModelProto) -> list[Finding]:
     findings = []
     for node in _nodes(model.graph):
         if node.domain not in ("", "ai.onnx"):
-            continue  # custom domains are plugin nodes, checked at engine build
+            reason = _plugin_problem(node)
+            if reason:
+                findings.append(Finding(node.name, f"{node.domain}::{node.op_type}", reason))
+            continue
         reason = REJECTED.get(node.op_type)
         if reason is None:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -29,6 +29,9 @@ def ort_session(path: str, threads: int = 0):
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: shape-inference warnings are noise to users
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from edgetok.runtime.plugins import prepare_ort
+
+    prepare_ort(options, path)  # graphs with edgetok plugin nodes run their references
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgetok.profile.runners import Runner
 from edgetok.profile.stats import summarize, warnings_for
+from edgetok.runtime.runners import Runner
 
 
 @dataclass

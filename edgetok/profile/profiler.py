@@ -15,7 +15,7 @@ from edgetok.profile import compare
 from edgetok.profile.environment import environment
 from edgetok.profile.measure import Measurement, timed_round, warm_up
 from edgetok.profile.memory import check_batch_fits
-from edgetok.profile.runners import ENGINE_SUFFIXES, load_inputs, open_runner, random_inputs
+from edgetok.runtime.runners import ENGINE_SUFFIXES, load_inputs, open_runner, random_inputs
 
 DEVICES = ("cpu", "cuda", "jetson")
 

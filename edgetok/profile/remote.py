@@ -115,9 +115,9 @@ def _seconds(value: float) -> str:
 
 
 def companions(model: Path) -> list[Path]:
-    """The files next to a model that profile reads: its export sidecar, an engine's build report and the
-    external weights of a large ONNX model."""
-    found = [sidecar_path(model), Path(f"{model}.build.json"), Path(f"{model}.data")]
+    """The files next to a model that profile reads: its export sidecar, an engine's build report, the
+    external weights of a large ONNX model and the plugin kernels (cubins) an engine launches."""
+    found = [sidecar_path(model), Path(f"{model}.build.json"), Path(f"{model}.data"), Path(f"{model}.cubins.zip")]
     return [p for p in found if p.is_file()]
 
 

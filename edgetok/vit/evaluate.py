@@ -12,7 +12,7 @@ import numpy as np
 
 from edgetok import sidecar
 from edgetok.errors import EdgetokError
-from edgetok.profile.runners import ENGINE_SUFFIXES
+from edgetok.runtime.runners import ENGINE_SUFFIXES
 
 
 def export_record(model: str) -> dict:
@@ -87,7 +87,7 @@ class Predictor:
             self.preprocessing = record["preprocessing"]
             require_class_logits(model, [o.name for o in self.session.get_outputs()], record["model"].get("head"))
         elif self.kind == "engine":
-            from edgetok.profile.runners import TensorRTEngineRunner, engine_backend
+            from edgetok.runtime.runners import TensorRTEngineRunner, engine_backend
 
             record = export_record(model)
             self.preprocessing = record["preprocessing"]

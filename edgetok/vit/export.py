@@ -15,6 +15,8 @@ from edgetok.errors import EdgetokError
 from edgetok.onnx.export import export_module, io_signature
 from edgetok.onnx.lint import lint
 from edgetok.onnx.validate import compare_with_torch
+from edgetok.plugins.cubins import bundle_path
+from edgetok.plugins.spec import uses
 from edgetok.vit.flops import vit_macs
 from edgetok.vit.loading import load_vit, weights_file
 from edgetok.vit.reduction import make_method, plan, reduce_vit
@@ -38,6 +40,7 @@ class ViTExportOptions:
     output: str | None = None
     allow_unsupported_ops: bool = False
     tolerance: float = 1e-3
+    plugins: bool = False  # reduction steps that fit an edgetok plugin become one plugin node each
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -48,10 +51,12 @@ def default_output(opts: ViTExportOptions) -> Path:
     stem = Path(opts.model).name if Path(opts.model).is_dir() else opts.model
     tag = {"none": "dense", "tome": f"tome_r{opts.r if opts.r is not None else 'sched'}",
            "evit": f"evit_k{opts.keep_rate}"}.get(opts.method, opts.method)
+    if opts.plugins:
+        tag += "_plugins"
     return Path("edgetok-out") / f"{stem}_{tag}.onnx"
 
 
-REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "img_size")
+REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "img_size", "plugins")
 
 
 def export_request(opts: ViTExportOptions) -> dict:
@@ -96,7 +101,9 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
         say("no weights given: the model is randomly initialised (weights: random)")
     method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers)
     dense = plan(vit, None)
-    reduced = reduce_vit(vit, method)
+    if opts.plugins and method is not None and not hasattr(method, "plugin_step"):
+        say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
+    reduced = reduce_vit(vit, method, plugins=opts.plugins)
 
     shape = (vit.in_chans, vit.img_size, vit.img_size)
     gen = torch.Generator().manual_seed(0)
@@ -108,6 +115,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
         say(f"exporting ONNX (opset {opts.opset}, dynamic batch)")
         model = export_module(vit.module, example, staged, INPUT_NAME, vit.output_names, opts.opset)
         findings = lint(model)
+        plugin_uses = uses(model)  # what build-engine, profile and eval must register to run this graph
         if findings and not opts.allow_unsupported_ops:
             raise EdgetokError(
                 f"the graph has {len(findings)} node(s) TensorRT rejects: {findings[0]}"
@@ -155,9 +163,12 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 "speedup_bound": round(dense_macs / reduced_macs, 4),
             },
             "lint": {"unsupported_ops": [str(f) for f in findings]},
+            "plugins": plugin_uses,
             "validation": comparison.as_dict(),
             "versions": sidecar.versions("torch", "timm", "transformers", "onnx", "onnxruntime"),
         })
+        if plugin_uses:
+            data["cubins"] = _kernel_bundle(stage / bundle_path(out.name).name, say)
         data["onnx"]["sha256"] = sidecar.file_sha256(staged)
         data["request"] = export_request(opts)
         sidecar.write(stage / sidecar.sidecar_path(out).name, data)
@@ -165,6 +176,23 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
             atomic.publish(stage, out.parent)
     data["path"] = str(out)
     return data
+
+
+def _kernel_bundle(path: Path, say: Callable[[str], None]) -> dict | None:
+    """The plugins' cubins for every target architecture, beside the ONNX: build-engine carries them to the
+    engine, also on a machine without Triton (a Jetson). Compiled once per Triton version, then cached."""
+    import importlib.util
+
+    from edgetok.plugins import cubins
+
+    if importlib.util.find_spec("triton") is None:
+        say("no Triton here: the plugin kernels are not compiled; run `edgetok plugins build -o "
+            f"{path.name}` on a machine with Triton (x86 with torch) and put it beside the ONNX")
+        return None
+    say(f"compiling the plugin kernels ahead of time for {', '.join(cubins.ARCHS)} (cached after the first time)")
+    manifest = cubins.write_bundle(path, cubins.ARCHS, lambda s: None)
+    return {"file": path.name, "archs": [a for a in cubins.ARCHS if a in manifest["archs"]], "triton": manifest["triton"],
+            "kernels": sorted(manifest["kernels"])}
 
 
 def summary(data: dict) -> str:
@@ -178,6 +206,10 @@ def summary(data: dict) -> str:
         f"(per block: {','.join(map(str, tokens))})",
         f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "
         f"{fl['speedup_bound']:.2f}x)",
+        *(["  plugins    " + ", ".join(f"{p['name']} x{p['nodes']}" for p in data["plugins"])
+           + " (edgetok v1: ONNX Runtime runs their references; build-engine the fused kernels)"] if data.get("plugins") else []),
+        *([f"  kernels    {data['cubins']['file']}: {len(data['cubins']['kernels'])} Triton kernels as cubins for "
+           + ", ".join(data["cubins"]["archs"])] if data.get("cubins") else []),
         f"  validated  ONNX Runtime vs PyTorch at batch {val['batch']}: max |diff| {val['max_abs_diff']:.2e}, "
         f"cosine {val['cosine']:.6f}" + (f", top-1 agreement {val['top1_agreement']:.0%}" if val["top1_agreement"] is not None else ""),
     ])

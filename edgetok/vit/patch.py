@@ -22,8 +22,9 @@ from edgetok.vit.token_transform import apply_transform
 class ReductionState:
     """State shared by the patched blocks: the method, its per-block amounts, and token sizes."""
 
-    def __init__(self, method, amounts: list[int], prefix: int, class_token: bool = True):
+    def __init__(self, method, amounts: list[int], prefix: int, class_token: bool = True, plugins: bool = False):
         self.method = method
+        self.plugins = plugins  # steps the method can do as one plugin node export as that node
         self.amounts = amounts
         self.prefix = prefix
         self.class_token = class_token
@@ -49,6 +50,11 @@ class _ReducingMixin:
         state = self._edgetok_state
         taps = self._edgetok_taps
         amount = state.amounts[self._edgetok_layer]
+        if state.plugins and amount and hasattr(state.method, "plugin_step"):
+            size = state.size if state.size is not None else torch.ones_like(x[..., :1])
+            x, state.size = state.method.plugin_step(amount, taps.pop("k"), x, size, state.prefix, state.class_token)
+            taps.pop("q")
+            return x
         step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix, state.class_token)
         taps.pop("q"), taps.pop("k")
         if step is None:
@@ -99,9 +105,9 @@ def _tap(taps: dict, key: str, heads: int | None = None):
     return hook
 
 
-def patch_blocks(vit: LoadedViT, method, amounts: list[int]) -> ReductionState:
+def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = False) -> ReductionState:
     """Swap every block of ``vit`` for its reducing subclass, driven by ``method``'s plan."""
-    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token)
+    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token, plugins)
     for layer, block in enumerate(vit.blocks):
         taps: dict = {}
         if type(block) is Block and type(block.attn) is Attention:

@@ -75,9 +75,10 @@ def plan(vit: LoadedViT, method) -> ReductionPlan:
     return ReductionPlan(method.name, method.params(amounts), tokens, amounts)
 
 
-def reduce_vit(vit: LoadedViT, method) -> ReductionPlan:
-    """Plan, then patch ``vit`` in place (nothing to patch for ``none``)."""
+def reduce_vit(vit: LoadedViT, method, plugins: bool = False) -> ReductionPlan:
+    """Plan, then patch ``vit`` in place (nothing to patch for ``none``); ``plugins``: steps that fit a
+    plugin export as its node."""
     result = plan(vit, method)
     if method is not None:
-        patch_blocks(vit, method, result.amounts)
+        patch_blocks(vit, method, result.amounts, plugins)
     return result

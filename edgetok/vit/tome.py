@@ -15,7 +15,7 @@ import ast
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.vit.token_transform import TokenTransform
+from edgetok.vit.token_transform import TokenTransform, apply_transform
 
 
 def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> tuple[list[int], bool]:
@@ -85,30 +85,88 @@ class ToMe:
         return r, tokens - r
 
     def transform(self, r: int, q, k, scale, prefix: int, class_token: bool = True):
-        """The merge for one block, from its keys ``k`` [B, H, N, D].
-
-        As the reference: A = positions 0, 2, 4, ... and B = 1, 3, 5, ... of *all* tokens. A prefix
-        token in A (the class token) is never merged, one in B (a distillation token) never receives
-        a merge: the reference's -inf row and column, realised by leaving them out of the score
-        matrix (the same argmax and ranking, with no -inf in the graph). Prefix tokens come first;
-        with a class token the unmerged A tokens keep their order (the reference sorts them),
-        without one they stay in ranking order, as the reference leaves them.
-        """
+        """The merge for one block, from its keys ``k`` [B, H, N, D] averaged over heads."""
         if r == 0:
             return None
-        metric = k.mean(dim=1)  # [B, N, D]: keys averaged over heads
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a_prefix, b_prefix = (prefix + 1) // 2, prefix // 2  # prefix tokens at even / odd positions
-        a, b = metric[:, 2 * a_prefix :: 2], metric[:, 2 * b_prefix + 1 :: 2]
-        n_a, n_b = a.shape[1], b.shape[1]
-        best, match = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
+        return bipartite_transform(k.mean(dim=1), r, prefix, class_token), None
+
+    def plugin_step(self, r: int, k, x, size, prefix: int, class_token: bool):
+        """The same step as one ``edgetok::TokenMerge`` node in an export (``--plugins``)."""
+        return token_merge(x, k.mean(dim=1), size, r, prefix, bool(class_token))
+
+
+def bipartite_transform(metric, r: int, prefix: int, class_token: bool) -> TokenTransform:
+    """Bipartite soft matching on ``metric`` [B, N, D] (the keys averaged over heads).
+
+    As the reference: A = positions 0, 2, 4, ... and B = 1, 3, 5, ... of *all* tokens. A prefix
+    token in A (the class token) is never merged, one in B (a distillation token) never receives
+    a merge: the reference's -inf row and column, realised by leaving them out of the score
+    matrix (the same argmax and ranking, with no -inf in the graph). Prefix tokens come first;
+    with a class token the unmerged A tokens keep their order (the reference sorts them),
+    without one they stay in ranking order, as the reference leaves them. Ties: the first best
+    match, and equal scores ranked by position (ONNX TopK's rule; torch.topk has none, so eager
+    PyTorch sorts stably).
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a_prefix, b_prefix = (prefix + 1) // 2, prefix // 2  # prefix tokens at even / odd positions
+    a, b = metric[:, 2 * a_prefix :: 2], metric[:, 2 * b_prefix + 1 :: 2]
+    n_a, n_b = a.shape[1], b.shape[1]
+    best, match = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
+    if torch.onnx.is_in_onnx_export():
         order = best.topk(n_a, dim=-1).indices  # A tokens by how well they match, best first
-        src_a, unmerged_a = order[:, :r], order[:, r:]
-        if class_token:
-            unmerged_a = unmerged_a.topk(n_a - r, dim=-1, largest=False).values  # original order
-        batch = k.shape[0]
-        prefix_idx = torch.arange(prefix, device=k.device).expand(batch, prefix)
-        b_idx = (torch.arange(n_b, device=k.device) * 2 + 2 * b_prefix + 1).expand(batch, n_b)
-        keep = torch.cat([prefix_idx, unmerged_a * 2 + 2 * a_prefix, b_idx], dim=1)
-        dst = torch.gather(match, 1, src_a) + (prefix + n_a - r)
-        return TokenTransform(keep=keep, src=src_a * 2 + 2 * a_prefix, dst=dst), None
+    else:
+        order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src_a, unmerged_a = order[:, :r], order[:, r:]
+    if class_token:
+        unmerged_a = unmerged_a.topk(n_a - r, dim=-1, largest=False).values  # original order
+    batch = metric.shape[0]
+    prefix_idx = torch.arange(prefix, device=metric.device).expand(batch, prefix)
+    b_idx = (torch.arange(n_b, device=metric.device) * 2 + 2 * b_prefix + 1).expand(batch, n_b)
+    keep = torch.cat([prefix_idx, unmerged_a * 2 + 2 * a_prefix, b_idx], dim=1)
+    dst = torch.gather(match, 1, src_a) + (prefix + n_a - r)
+    return TokenTransform(keep=keep, src=src_a * 2 + 2 * a_prefix, dst=dst)
+
+
+@torch.library.custom_op("edgetok::token_merge", mutates_args=())
+def token_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, prefix: int,
+                class_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager: the standard-op step. Exported: one ``edgetok::TokenMerge`` node (the spec in
+    edgetok/plugins/token_merge.py). A torch custom op, so the exporter records one node, not its body."""
+    return apply_transform(bipartite_transform(metric, r, prefix, class_token), x, size, size)
+
+
+@token_merge.register_kernel("cuda")
+def _token_merge_cuda(x, metric, size, r, prefix, class_token):
+    """On a GPU the same step runs as the plugin's fused Triton kernels (fp32, as the plugin)."""
+    from edgetok.plugins import kernels
+    from edgetok.plugins.spec import get
+
+    inputs = [t.float().contiguous() for t in (x, metric, size)]
+    merged, merged_size = kernels.run_torch(get("TokenMerge"), inputs,
+                                            {"r": r, "prefix": prefix, "class_token": int(class_token)})
+    return merged.to(x.dtype), merged_size.to(size.dtype)
+
+
+@token_merge.register_fake
+def _(x, metric, size, r, prefix, class_token):
+    batch, tokens, channels = x.shape
+    return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r, 1)
+
+
+def _token_merge_node(g, x, metric, size, r, prefix, class_token):
+    from torch.onnx import symbolic_helper
+
+    from edgetok.plugins.spec import NAMESPACE, VERSION
+
+    r, prefix = symbolic_helper._get_const(r, "i", "r"), symbolic_helper._get_const(prefix, "i", "prefix")
+    class_token = symbolic_helper._get_const(class_token, "b", "class_token")
+    merged, merged_size = g.op(f"{NAMESPACE}::TokenMerge", x, metric, size, r_i=r, prefix_i=prefix,
+                               class_token_i=int(class_token), plugin_version_s=VERSION, outputs=2)
+    _, tokens, channels = x.type().varyingSizes() or (None, None, None)  # None: not known to the exporter
+    tokens = None if tokens is None else tokens - r
+    merged.setType(x.type().with_sizes([None, tokens, channels]))
+    merged_size.setType(size.type().with_sizes([None, tokens, 1]))
+    return merged, merged_size
+
+
+torch.onnx.register_custom_op_symbolic("edgetok::token_merge", _token_merge_node, 17)

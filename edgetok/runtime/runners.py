@@ -13,7 +13,7 @@ import numpy as np
 
 from edgetok import sidecar
 from edgetok.errors import EdgetokError
-from edgetok.profile.cuda_timing import CudaTimedStep
+from edgetok.runtime.cuda_timing import CudaTimedStep
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -68,6 +68,9 @@ class OnnxRuntimeRunner(Runner):
         # Sessions that wait would spin and steal cores from the one being timed (measured here).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        from edgetok.runtime.plugins import prepare_ort
+
+        self.plugins = prepare_ort(options, path)
         try:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:
@@ -144,6 +147,9 @@ class TensorRTEngineRunner(Runner):
         self.cuda_graphs = new_defaults if cuda_graphs is None else cuda_graphs
         self.data_transfers = (not new_defaults) if data_transfers is None else data_transfers
         self.logger = trt.Logger(trt.Logger.ERROR)
+        from edgetok.runtime.plugins import prepare_engine
+
+        self.plugins = prepare_engine(trt, path)  # before deserializing: the engine names their creators
         engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None:
             raise EdgetokError(f"{module} could not load {path}: built for another GPU or {module} version? rebuild it here")

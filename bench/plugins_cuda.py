@@ -1,0 +1,142 @@
+"""On a GPU: the TokenMerge kernels against the standard-op step in PyTorch CUDA, and ToMe end to end.
+
+1. One DeiT-S merge step (N=197, C=384, D=64, r=13), fp32, batch 1/8/64: the fused Triton kernels vs the
+   standard-op step (bipartite_transform + apply_transform) — CUDA-event time per call, the kernels' bytes
+   moved per second, and that as a fraction of this GPU's measured copy bandwidth (target >= 50 % at 64).
+2. The same kernels launched from their AOT cubins through cuda-python (the TensorRT plugins' path),
+   checked equal to the JIT launch.
+3. DeiT-S ToMe r=13 end to end in PyTorch (fp32): the patched model with the kernels vs without, and dense.
+
+    python bench/plugins_cuda.py [--batch 1 8 64] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from edgetok.plugins import kernels
+from edgetok.plugins.spec import get
+from edgetok.vit.token_transform import apply_transform
+from edgetok.vit.tome import bipartite_transform
+
+
+def cuda_ms(fn, calls: int = 100, rounds: int = 5) -> float:
+    """Median over rounds of the mean time per call, from CUDA events around ``calls`` back-to-back calls."""
+    for _ in range(10):
+        fn()
+    results = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        results.append(start.elapsed_time(end) / calls)
+    return statistics.median(results)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write): the achievable bound here."""
+    src = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src), calls=20)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def step_table(batches, rounds) -> None:
+    spec, tokens, channels, dim, r = get("TokenMerge"), 197, 384, 64, 13
+    fields = {"r": r, "prefix": 1, "class_token": 1}
+    peak = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {peak / 1e9:.0f} GB/s")
+    print("| batch | standard ops ms | fused kernels ms | speedup | kernels GB/s | of copy bandwidth | max |diff| |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in batches:
+        gen = torch.Generator(device="cuda").manual_seed(batch)
+        x = torch.randn(batch, tokens, channels, device="cuda", generator=gen)
+        metric = torch.randn(batch, tokens, dim, device="cuda", generator=gen)
+        size = torch.randint(1, 5, (batch, tokens, 1), device="cuda", generator=gen).float()
+
+        def standard():
+            return apply_transform(bipartite_transform(metric, r, 1, True), x, size, size)
+
+        def fused():
+            return kernels.run_torch(spec, [x, metric, size], fields)
+
+        diff = max(float((a - b).abs().max()) for a, b in zip(standard(), fused()))
+        t_std, t_fused = cuda_ms(standard, rounds=rounds), cuda_ms(fused, rounds=rounds)
+        moved = 4 * batch * (tokens * (channels + dim + 1) + (tokens - r) * (channels + 1))
+        rate = moved / (t_fused / 1e3)
+        print(f"| {batch} | {t_std:.4f} | {t_fused:.4f} | {t_std / t_fused:.2f}x | {rate / 1e9:.0f} | "
+              f"{rate / peak:.0%} | {diff:.1e} |")
+
+
+def cubin_check() -> None:
+    """The AOT cubins through cuda-python (as the TensorRT plugin's enqueue launches them) == the JIT launch."""
+    import tempfile
+    from pathlib import Path
+
+    from edgetok.plugins import cubins, launch
+
+    spec = get("TokenMerge")
+    cc = "sm%d%d" % torch.cuda.get_device_capability()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_file = Path(tmp) / "k.cubins.zip"
+        cubins.write_bundle(bundle_file, [cc])
+        bundle = cubins.Bundle.open(bundle_file)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        inputs = [torch.randn(8, 197, 384, device="cuda", generator=gen),
+                  torch.randn(8, 197, 64, device="cuda", generator=gen),
+                  torch.randint(1, 5, (8, 197, 1), device="cuda", generator=gen).float()]
+        fields = {"r": 13, "prefix": 1, "class_token": 1}
+        want = kernels.run_torch(spec, inputs, fields)
+        shapes = [tuple(t.shape) for t in inputs]
+        plan = kernels.module(spec).plan(shapes, spec.validate(shapes, fields))
+        got = [torch.empty_like(w) for w in want]
+        workspace = torch.empty(launch.workspace_size(plan, bundle), dtype=torch.uint8, device="cuda")
+        launch.Launcher(bundle).run(plan, [t.data_ptr() for t in inputs], [t.data_ptr() for t in got],
+                                    workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        diff = max(float((a - b).abs().max()) for a, b in zip(want, got))
+        print(f"cubin launch ({cc}) through cuda-python vs Triton JIT: max |diff| {diff:.1e}")
+
+
+def end_to_end(batches, rounds) -> None:
+    from edgetok.vit.loading import load_vit
+    from edgetok.vit.reduction import make_method, reduce_vit
+
+    models = {}
+    for name, method, plugins in (("dense", None, False), ("tome r=13", "tome", False),
+                                  ("tome r=13 + kernels", "tome", True)):
+        torch.manual_seed(0)
+        vit = load_vit("deit_small_patch16_224")
+        if method:
+            reduce_vit(vit, make_method(method, vit.depth, r=13), plugins=plugins)
+        models[name] = vit.module.cuda().eval()
+    print("| batch | " + " | ".join(f"{n} ms" for n in models) + " | kernels vs standard ops |")
+    print("|---|" + "---|" * (len(models) + 1))
+    for batch in batches:
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        with torch.no_grad():
+            ms = {name: cuda_ms(lambda m=m: m(x), calls=20, rounds=rounds) for name, m in models.items()}
+        print(f"| {batch} | " + " | ".join(f"{v:.2f}" for v in ms.values())
+              + f" | {ms['tome r=13'] / ms['tome r=13 + kernels']:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/plugins_cuda.py needs a CUDA GPU (use bench/plugins.py on a CPU)")
+    step_table(args.batch, args.rounds)
+    cubin_check()
+    end_to_end(args.batch, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Triton kernels of the plugins: one module per plugin (named by its spec's ``kernels``), the same source
+run three ways: under ``TRITON_INTERPRET=1`` on CPU tensors (tests, ``plugins check``), JIT on CUDA tensors
+(``plugins check --device cuda``, the GPU bench), and compiled ahead of time to cubins that the TensorRT
+plugins launch through cuda-python (no Triton, no torch at run time).
+
+A plugin has two modules here: ``<name>.py``, its ``@triton.jit`` kernels, and ``<name>_plan.py`` (no Triton),
+defining ``KERNELS`` (every kernel, with the parameter types and block sizes it is compiled with) and
+``plan(shapes, fields)``: the launches one plugin call makes (kernel, grid, arguments) and the scratch it
+needs. The plan is plain data, so the Triton launcher here and the cubin launcher (edgetok/plugins/launch.py,
+which runs where Triton is absent) make the very same launches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str  # the @triton.jit function of this name in ``source``; the compiled entry point has it too
+    source: str  # module holding the Triton source, imported only to run or compile the kernel
+    params: tuple[tuple[str, str], ...]  # declared (name, Triton type: "*fp32", "*i32", "i32", "fp32"), in order
+    constexprs: dict = field(default_factory=dict)  # block sizes, fixed so that one cubin serves every shape
+    num_warps: int = 4
+
+    @property
+    def fn(self):
+        return getattr(importlib.import_module(self.source), self.name)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """What a pointer argument points at: an input, an output, or a region of the scratch (byte offset)."""
+    kind: str  # "input" | "output" | "scratch"
+    index: int  # input/output position, or the byte offset into the scratch
+    dtype: str = "float32"  # scratch element type: "float32" | "int32"
+    count: int = 0  # scratch elements
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: Kernel
+    grid: tuple[int, int, int]
+    args: tuple  # one per declared parameter: a Buffer for a pointer, an int or float for a scalar
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    launches: tuple[Launch, ...]
+    scratch_bytes: int
+
+
+def module(spec):
+    """The launch-plan module of a plugin spec (``KERNELS``, ``plan``); it does not import Triton."""
+    return importlib.import_module(f"{__name__}.{spec.kernels}_plan")
+
+
+
+def interpreting() -> bool:
+    """Whether Triton was imported in interpreter mode in this process. TRITON_INTERPRET is read when a
+    function is decorated with ``@triton.jit``, and triton.language's own helpers (tl.zeros, tl.sum, ...) are
+    decorated when triton is first imported: the variable must be set before anything imports triton, and
+    setting or clearing it later changes nothing. (Importing triton here fixes the mode if it was not yet.)"""
+    import triton.language.standard as standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
+INTERPRET_HINT = ("set TRITON_INTERPRET=1 before anything imports triton (tests: tests/conftest.py does), "
+                  "or pass CUDA tensors")
+
+
+def _scalars(kernel: Kernel) -> list[str]:
+    return [name for name, ty in kernel.params if not ty.startswith("*")]
+
+
+def python_fn(kernel: Kernel):
+    """The undecorated Python function of a kernel (JITFunction and InterpretedFunction both keep it in .fn)."""
+    fn = kernel.fn
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+_WRAPPED: dict = {}
+
+
+def jit_fn(kernel: Kernel):
+    """A compiling JITFunction of ``kernel`` (AOT compiles and CUDA runs need one; not in interpreter mode).
+    Scalars are not specialised (no value-1 / divisible-by-16 variants), so a JIT run executes the code the
+    cubins hold."""
+    from triton.runtime.jit import JITFunction
+
+    key = (kernel.name, "jit")
+    if key not in _WRAPPED:
+        _WRAPPED[key] = JITFunction(python_fn(kernel), do_not_specialize=_scalars(kernel))
+    return _WRAPPED[key]
+
+
+def interpreted_fn(kernel: Kernel):
+    """The kernel as an interpreter function (each program run in numpy on host copies of the tensors); also
+    right when the kernels module was imported before TRITON_INTERPRET was set but triton after."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    key = (kernel.name, "interpret")
+    if key not in _WRAPPED:
+        _WRAPPED[key] = kernel.fn if isinstance(kernel.fn, InterpretedFunction) else InterpretedFunction(python_fn(kernel))
+    return _WRAPPED[key]
+
+
+def run_torch(spec, inputs: list, fields: dict) -> list:
+    """Run a plugin's kernel plan on torch tensors and return its outputs (float32). In interpreter mode
+    every tensor goes through the interpreter (CUDA ones copied to the host and back: right, slow); otherwise
+    CUDA tensors run JIT-compiled, with the same launches, grids and block sizes as the cubins, and CPU
+    tensors are an error (the interpreter cannot be switched on once triton is imported)."""
+    import torch
+
+    from edgetok.plugins.spec import PluginError
+
+    devices = {t.device for t in inputs}
+    if len(devices) != 1:
+        raise PluginError(f"{spec.name}: inputs are on different devices ({', '.join(sorted(map(str, devices)))})")
+    device = devices.pop()
+    interpret = interpreting()
+    if device.type != "cuda" and not (interpret and device.type == "cpu"):
+        raise PluginError(f"{spec.name}: Triton kernels on {device.type} tensors need the Triton interpreter: "
+                          + INTERPRET_HINT)
+    inputs = [t.contiguous() for t in inputs]
+    shapes = [tuple(t.shape) for t in inputs]
+    fields = spec.validate(shapes, fields, [str(t.dtype).removeprefix("torch.") for t in inputs])
+    outputs = [torch.empty([int(d) for d in dims], dtype=torch.float32, device=device)
+               for dims in spec.output_shapes([list(s) for s in shapes], fields)]
+    kernel_plan = module(spec).plan(shapes, fields)
+    scratch = torch.empty(max(kernel_plan.scratch_bytes, 256), dtype=torch.uint8, device=device)
+    dtypes = {"float32": torch.float32, "int32": torch.int32}
+
+    def arg(value):
+        if not isinstance(value, Buffer):
+            return value
+        if value.kind == "input":
+            return inputs[value.index]
+        if value.kind == "output":
+            return outputs[value.index]
+        return scratch[value.index:value.index + 4 * value.count].view(dtypes[value.dtype])
+
+    for launch in kernel_plan.launches:
+        fn = interpreted_fn(launch.kernel) if interpret else jit_fn(launch.kernel)
+        fn[launch.grid](*(arg(a) for a in launch.args), **launch.kernel.constexprs, num_warps=launch.kernel.num_warps)
+    return outputs

@@ -1,0 +1,39 @@
+"""ONNX Runtime (CPU) ops for every plugin spec, through onnxruntime-extensions Python custom ops.
+
+Each op runs the plugin's registered reference, so a graph holding ``edgetok`` nodes runs in ONNX Runtime
+and is checked against PyTorch like any other export. Python and numpy: for checking, not for speed.
+"""
+
+from __future__ import annotations
+
+from edgetok.plugins.spec import NAMESPACE, specs
+
+_DEFINED: set[str] = set()
+
+
+def _define(spec) -> None:
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    from edgetok.plugins.spec import run_reference
+
+    types = {int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float}
+    attrs = {f.name: types[f.type] for f in spec.fields}
+    attrs["plugin_version"] = PyCustomOpDef.dt_string
+
+    def compute(*inputs, **fields):
+        fields.pop("plugin_version", None)  # the version was checked when the graph was opened
+        return tuple(run_reference(spec.name, list(inputs), fields))
+
+    onnx_op(op_type=f"{NAMESPACE}::{spec.name}", inputs=[PyCustomOpDef.dt_float] * len(spec.inputs),
+            outputs=[PyCustomOpDef.dt_float] * len(spec.outputs), attrs=attrs)(compute)
+
+
+def register(options) -> None:
+    """Make every edgetok op available to sessions created with ``options`` (ORT SessionOptions)."""
+    from onnxruntime_extensions import get_library_path
+
+    for name, spec in specs().items():
+        if name not in _DEFINED:  # ops must exist before the library is registered
+            _define(spec)
+            _DEFINED.add(name)
+    options.register_custom_ops_library(get_library_path())

@@ -1,0 +1,181 @@
+"""One spec per plugin, and the references registered by op name (Polygraphy's ``pluginref`` model).
+
+A spec says everything every implementation needs: the fields (ONNX attributes / TensorRT plugin fields)
+with types and defaults, the inputs and outputs with their dtypes, the output-shape rule and the checks.
+The reference (numpy), the ONNX Runtime op, the TensorRT plugin class and the Triton kernels all read it;
+none of them repeats a field name, a default or a shape rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edgetok.errors import EdgetokError
+
+NAMESPACE = "edgetok"  # ONNX domain and TensorRT plugin namespace
+VERSION = "1"
+
+
+class PluginError(EdgetokError):
+    """A plugin node that the spec rejects (bad field, shape or dtype); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: type  # int or float: ONNX INT/FLOAT attributes, TensorRT INT32/FLOAT32 fields
+    default: int | float
+    doc: str
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    rank: int
+    doc: str
+    dtypes: tuple[str, ...] = ("float32",)
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    name: str
+    doc: str
+    fields: tuple[Field, ...]
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    # (input dims, fields) -> output dims. Dims are ints, or any type with + and - (TensorRT dimension
+    # expressions): the same rule sizes reference outputs, ONNX shapes and TensorRT's computed shapes.
+    output_shapes: Callable[[list[list], dict], list[list]]
+    # (input shapes with ints, fields) -> None; raises PluginError naming the bad value and the fix.
+    check: Callable[[list[tuple[int, ...]], dict], None]
+    kernels: str  # module under edgetok.plugins.kernels with the Triton kernels
+    # rng -> [(case name, inputs, fields)]: random and adversarial calls `plugins check` runs every kernel on
+    cases: Callable | None = None
+    version: str = VERSION
+    formats: tuple[str, ...] = ("linear",)
+
+    def resolve(self, given: dict) -> dict:
+        """Fields with defaults filled in and types enforced; unknown names are an error."""
+        unknown = sorted(set(given) - {f.name for f in self.fields} - {"plugin_version", "plugin_namespace"})
+        if unknown:
+            raise PluginError(f"{self.name}: unknown field(s) {', '.join(unknown)}; it takes "
+                              + ", ".join(f.name for f in self.fields))
+        values = {}
+        for f in self.fields:
+            value = given.get(f.name, f.default)
+            if isinstance(value, bytes):
+                value = value.decode()
+            try:
+                values[f.name] = f.type(value)
+            except (TypeError, ValueError):
+                raise PluginError(f"{self.name}: field {f.name}={value!r} is not {f.type.__name__}") from None
+            if f.type is int and values[f.name] != value and not isinstance(value, (int, float)):
+                raise PluginError(f"{self.name}: field {f.name}={value!r} is not an integer")
+        return values
+
+    def validate(self, shapes: list[tuple[int, ...]], fields: dict, dtypes: list[str] | None = None) -> dict:
+        """Check a concrete call against the spec; returns the resolved fields."""
+        fields = self.resolve(fields)
+        if len(shapes) != len(self.inputs):
+            raise PluginError(f"{self.name} takes {len(self.inputs)} inputs "
+                              f"({', '.join(t.name for t in self.inputs)}), got {len(shapes)}")
+        for tensor, shape in zip(self.inputs, shapes):
+            if len(shape) != tensor.rank:
+                raise PluginError(f"{self.name}: input {tensor.name} must have rank {tensor.rank}, got shape "
+                                  f"{list(shape)}")
+        for tensor, dtype in zip(self.inputs, dtypes or []):
+            if dtype not in tensor.dtypes:
+                raise PluginError(f"{self.name}: input {tensor.name} is {dtype}, but the plugin takes "
+                                  f"{'/'.join(tensor.dtypes)}; keep the reduction step in float32")
+        self.check([tuple(int(d) for d in s) for s in shapes], fields)
+        return fields
+
+    def fields_doc(self) -> str:
+        return ", ".join(f"{f.name}:{f.type.__name__}={f.default}" for f in self.fields)
+
+
+_SPECS: dict[str, PluginSpec] = {}
+_REFERENCES: dict[str, Callable] = {}
+
+
+def register(spec: PluginSpec) -> PluginSpec:
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def reference(op: str):
+    """Register the numpy reference of ``op`` (``@reference("TokenMerge")``), as Polygraphy's pluginref does."""
+    def decorate(fn):
+        _REFERENCES[op] = fn
+        return fn
+    return decorate
+
+
+def _load_builtins() -> None:
+    from edgetok.plugins import token_merge  # noqa: F401  (registers its spec and reference)
+
+
+def specs() -> dict[str, PluginSpec]:
+    _load_builtins()
+    return dict(_SPECS)
+
+
+def get(name: str, version: str = VERSION, namespace: str = NAMESPACE) -> PluginSpec:
+    """The spec of ``name``; one-line errors for an unknown op, namespace or version."""
+    known = specs()
+    if namespace != NAMESPACE:
+        raise PluginError(f"plugin namespace {namespace!r} is not edgetok's; edgetok provides {NAMESPACE!r}")
+    if name not in known:
+        raise PluginError(f"{NAMESPACE}::{name} is not an edgetok plugin; known: {', '.join(sorted(known))}")
+    spec = known[name]
+    if str(version) != spec.version:
+        raise PluginError(f"{NAMESPACE}::{name} version {version!r} is not provided (edgetok has version "
+                          f"{spec.version!r}); re-export the model with this edgetok")
+    return spec
+
+
+def run_reference(name: str, inputs: list, fields: dict, any_float: bool = False) -> list:
+    """Run the registered reference of ``name`` after checking the call against its spec; ``any_float`` lets
+    float64 through (the reference is dtype-generic: exactness checks run it in float64)."""
+    spec = get(name)
+    resolved = spec.validate([x.shape for x in inputs], fields, None if any_float else [x.dtype.name for x in inputs])
+    return list(_REFERENCES[name](*inputs, **resolved))
+
+
+def node_fields(node) -> dict:
+    """An ONNX node's attributes as plain Python values."""
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass
+class PluginUse:
+    """Which edgetok plugins a graph needs: recorded in sidecars and build reports."""
+    name: str
+    version: str
+    nodes: int
+    fields: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "namespace": NAMESPACE, "version": self.version, "nodes": self.nodes}
+
+
+def plugin_nodes(model) -> list:
+    """The nodes of an ONNX model in the edgetok domain."""
+    return [n for n in model.graph.node if n.domain == NAMESPACE]
+
+
+def uses(model) -> list[dict]:
+    """Plugins a graph needs, one entry per op (checked against the specs: unknown ops/versions raise)."""
+    found: dict[str, PluginUse] = {}
+    for node in plugin_nodes(model):
+        attrs = node_fields(node)
+        version = attrs.get("plugin_version", VERSION)
+        version = version.decode() if isinstance(version, bytes) else str(version)
+        spec = get(node.op_type, version)
+        spec.resolve(attrs)
+        use = found.setdefault(node.op_type, PluginUse(node.op_type, spec.version, 0))
+        use.nodes += 1
+    return [u.as_dict() for u in found.values()]

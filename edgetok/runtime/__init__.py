@@ -1,0 +1,1 @@
+"""What runs a model (runners, plugin registration): below both ``eval`` and ``profile``."""

@@ -1,0 +1,242 @@
+"""The TokenMerge plugin spec: its reference is the standard-op ToMe step, and a --plugins export is the
+standard-op export (ONNX Runtime running the plugin nodes through onnxruntime-extensions)."""
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.onnx.lint import lint
+from edgetok.onnx.validate import ort_session
+from edgetok.plugins import spec as plugin_spec
+from edgetok.plugins.token_merge import max_r
+from edgetok.vit.export import ViTExportOptions, export_vit
+from edgetok.vit.token_transform import apply_transform
+from edgetok.vit.tome import bipartite_transform
+
+# (tokens, prefix, class_token): a DeiT (cls), distilled (cls + dist), registers, and no prefix (avg pool).
+LAYOUTS = [(17, 1, 1), (18, 2, 1), (21, 5, 1), (16, 0, 0), (21, 5, 0), (197, 1, 1)]
+
+
+def _inputs(batch, tokens, prefix, seed, channels=8, dim=6, ties=False):
+    gen = np.random.default_rng(seed)
+    x = gen.standard_normal((batch, tokens, channels))
+    metric = gen.standard_normal((batch, tokens, dim))
+    if ties:  # every key a multiple of one of three axes: cosines exactly 0 or 1, ties everywhere
+        metric = np.eye(dim)[gen.integers(0, 3, (batch, tokens))] * gen.integers(1, 4, (batch, tokens, 1))
+    size = gen.integers(1, 5, (batch, tokens, 1)).astype(np.float64)
+    return x, metric, size
+
+
+def _standard_step(x, metric, size, r, prefix, class_token):
+    x, metric, size = map(torch.from_numpy, (x, metric, size))
+    if r == 0:
+        return x.numpy(), size.numpy()
+    out, out_size = apply_transform(bipartite_transform(metric, r, prefix, bool(class_token)), x, size, size)
+    return out.numpy(), out_size.numpy()
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("tokens,prefix,class_token", LAYOUTS)
+def test_reference_is_the_standard_op_step_bit_for_bit(tokens, prefix, class_token, ties):
+    for r in sorted({0, 1, 3, max_r(tokens, prefix)}):
+        inputs = _inputs(3, tokens, prefix, seed=tokens + r, ties=ties)
+        got = plugin_spec.run_reference("TokenMerge", list(inputs), {"r": r, "prefix": prefix,
+                                                                     "class_token": class_token}, any_float=True)
+        want = _standard_step(*inputs, r, prefix, class_token)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape == (3, tokens - r, w.shape[-1])
+            assert np.array_equal(g, w), f"r={r}: max diff {np.abs(g - w).max()}"
+
+
+def test_ties_rank_by_position_in_pytorch_as_in_onnx():
+    """torch.topk orders equal values arbitrarily; ONNX TopK puts the lower index first. The eager step
+    sorts stably, so PyTorch and its export merge the same tokens."""
+
+    class Step(torch.nn.Module):
+        def forward(self, x, metric):
+            return apply_transform(bipartite_transform(metric, 5, 1, True), x, torch.ones_like(x[..., :1]),
+                                   torch.ones_like(x[..., :1]))[0]
+
+    x, metric, _ = (torch.from_numpy(a).float() for a in _inputs(2, 33, 1, seed=3, ties=True))
+    buf = io.BytesIO()
+    torch.onnx.export(Step(), (x, metric), buf, dynamo=False, opset_version=17, input_names=["x", "m"])
+    path = io.BytesIO(buf.getvalue())
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(path.getvalue()).run(None, {"x": x.numpy(), "m": metric.numpy()})[0]
+    want = Step()(x, metric).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    ref = plugin_spec.run_reference("TokenMerge", [x.numpy(), metric.numpy(), np.ones((2, 33, 1), np.float32)],
+                                    {"r": 5, "prefix": 1, "class_token": 1})[0]
+    np.testing.assert_allclose(ref, want, atol=1e-6)
+
+
+def test_spec_rejects_bad_calls_in_one_line():
+    x, metric, size = (a.astype(np.float32) for a in _inputs(1, 17, 1, seed=0))
+    cases = [
+        ({"r": 9, "prefix": 1}, "r=9 is too large for 17 tokens with 1 protected; at most 8"),
+        ({"r": 2, "prefix": 1, "colour": 3}, "unknown field(s) colour"),
+        ({"r": -1}, "must be r >= 0"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(plugin_spec.PluginError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+            plugin_spec.run_reference("TokenMerge", [x, metric, size], fields)
+        assert "\n" not in str(err.value)
+    with pytest.raises(plugin_spec.PluginError, match="takes float32; keep the reduction step in float32"):
+        plugin_spec.run_reference("TokenMerge", [x.astype(np.float16), metric, size], {"r": 1})
+    with pytest.raises(plugin_spec.PluginError, match=r"version '2' is not provided \(edgetok has version '1'\)"):
+        plugin_spec.get("TokenMerge", "2")
+    with pytest.raises(plugin_spec.PluginError, match="not an edgetok plugin; known: TokenMerge"):
+        plugin_spec.get("TokenSplit")
+
+
+def _export(tmp_path, model, plugins, **kw):
+    opts = ViTExportOptions(model=model, method="tome", plugins=plugins, output=str(tmp_path / f"{plugins}.onnx"), **kw)
+    return export_vit(opts)
+
+
+def _checkpoint(tmp_path, model, img_size):
+    """Fixed weights, so that both exports hold the same model (timm names load randomly initialised)."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path / "weights.pth"
+    torch.save(timm.create_model(model, img_size=img_size).state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("model,kw", [
+    ("deit_tiny_patch16_224", dict(img_size=64, r=4)),
+    ("deit_small_patch16_224", dict(img_size=96, r_schedule="(6, -1)")),
+    ("edgetok_digits_vit", dict(r=2)),
+], ids=["deit_tiny", "deit_small_sched", "digits"])
+def test_plugins_export_equals_standard_op_export(tmp_path, model, kw):
+    if model != "edgetok_digits_vit":
+        kw["checkpoint"] = _checkpoint(tmp_path, model, kw["img_size"])
+    standard, plugins = _export(tmp_path, model, False, **kw), _export(tmp_path, model, True, **kw)
+    graph = onnx.load(plugins["path"])
+    merges = [n for n in graph.graph.node if n.domain == "edgetok"]
+    reduced_blocks = sum(1 for a, b in plugins["reduction"]["tokens_per_layer"] if a != b)
+    assert len(merges) == reduced_blocks > 0 and {n.op_type for n in merges} == {"TokenMerge"}
+    assert plugins["plugins"] == [{"name": "TokenMerge", "namespace": "edgetok", "version": "1",
+                                   "nodes": reduced_blocks}]
+    assert standard["plugins"] == [] and lint(graph) == []
+    assert len(graph.graph.node) < len(onnx.load(standard["path"]).graph.node)
+    shape = [3, *plugins["input_shape"][1:]]
+    pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = ort_session(plugins["path"]).run(None, {"pixel_values": pixels})[0]
+    want = ort_session(standard["path"]).run(None, {"pixel_values": pixels})[0]
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_lint_names_foreign_and_wrong_version_plugin_nodes():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 17, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    nodes = [
+        onnx.helper.make_node("TokenMerge", ["x", "x", "s"], ["y", "ys"], name="merge_v2", domain="edgetok",
+                              r=2, prefix=1, class_token=1, plugin_version="2"),
+        onnx.helper.make_node("Mystery", ["x"], ["z"], name="foreign", domain="acme"),
+    ]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [x], [y]))
+    found = {f.node: f.reason for f in lint(model)}
+    assert "version '2' is not provided" in found["merge_v2"]
+    assert "custom domain 'acme'" in found["foreign"]
+    with pytest.raises(EdgetokError, match="version '2' is not provided"):
+        plugin_spec.uses(model)
+
+
+# ----------------------------------------------------------------------------------- edgetok plugins ...
+def test_plugins_check_runs_every_kernel_under_the_interpreter():
+    """The command selects the interpreter itself (no TRITON_INTERPRET in its environment)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "edgetok", "plugins", "check"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cases = len(plugin_spec.get("TokenMerge").cases(np.random.default_rng(0)))
+    assert f"TokenMerge (tome_norm, tome_match, tome_rank, tome_slot, tome_merge): {cases}/{cases} cases match" \
+        in done.stdout
+
+
+def test_plugins_check_exits_non_zero_on_a_mismatch(capsys, monkeypatch):
+    from cli_assertions import run_cli
+
+    right = plugin_spec._REFERENCES["TokenMerge"]
+
+    def off_by_a_little(x, metric, size, r, prefix, class_token):
+        out, out_size = right(x, metric, size, r, prefix, class_token)
+        return out + 1e-3, out_size
+
+    monkeypatch.setitem(plugin_spec._REFERENCES, "TokenMerge", off_by_a_little)
+    def one_case(rng):
+        inputs = [rng.standard_normal((1, 9, 4)).astype(np.float32), rng.standard_normal((1, 9, 3)).astype(np.float32),
+                  np.ones((1, 9, 1), np.float32)]
+        return [("one", inputs, {"r": 2, "prefix": 1, "class_token": 1})]
+
+    import dataclasses
+
+    spec = plugin_spec.get("TokenMerge")
+    monkeypatch.setitem(plugin_spec._SPECS, "TokenMerge", dataclasses.replace(spec, cases=one_case))
+    code, out, _ = run_cli(capsys, "plugins", "check")
+    assert code == 1
+    assert "0/1 cases match" in out and "MISMATCH one: error 0.00043" in out
+
+
+def test_plugins_list_and_build_errors(capsys):
+    from cli_assertions import assert_one_line_error, run_cli
+
+    code, out, _ = run_cli(capsys, "plugins", "list")
+    assert code == 0
+    assert "edgetok::TokenMerge version 1" in out and "r:int=0, prefix:int=1, class_token:int=1" in out
+    assert "onnxruntime op       yes" in out and "tensorrt-rtx plugin  yes" in out
+    code, _, err = run_cli(capsys, "plugins", "build", "--arch", "sm99")
+    assert_one_line_error(code, err, "sm99")
+    code, _, err = run_cli(capsys, "plugins", "build", "--arch", "sm87", "-o", "kernels.zip")
+    assert_one_line_error(code, err, "-o kernels.zip should end in .cubins.zip")
+
+
+def test_plugin_runtime_needs_neither_triton_nor_torch():
+    """What runs an engine on a Jetson (registration, the launch plan, the cubin launcher) imports no Triton
+    and no torch: a Jetson has no Triton."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import edgetok.plugins.launch, edgetok.plugins.tensorrt, edgetok.runtime.plugins\n"
+            "from edgetok.plugins.kernels import module\n"
+            "from edgetok.plugins.spec import get\n"
+            "plan = module(get('TokenMerge')).plan([(2, 17, 8), (2, 17, 4), (2, 17, 1)], {'r': 4, 'prefix': 1, "
+            "'class_token': 1})\n"
+            "assert len(plan.launches) == 5\n"
+            "print(sorted(m for m in ('triton', 'torch') if m in sys.modules))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_engine_with_plugins_needs_its_bundle(tmp_path):
+    import json
+
+    import tensorrt_rtx as trt
+
+    from edgetok.runtime.plugins import engine_plugins, prepare_engine
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine")
+    assert prepare_engine(trt, engine) == []  # no report: nothing to register
+    used = [{"name": "TokenMerge", "namespace": "edgetok", "version": "1", "nodes": 5}]
+    (tmp_path / "m.engine.build.json").write_text(json.dumps({"edgetok_plugins": {"plugins": used}}))
+    assert engine_plugins(engine) == used
+    with pytest.raises(EdgetokError, match=r"uses edgetok plugins \(TokenMerge\) whose kernels come in "
+                                           r"m.engine.cubins.zip beside it, which is missing") as err:
+        prepare_engine(trt, engine)
+    assert "\n" not in str(err.value)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# GPU check of the plugin kernels on a lent CUDA machine (no TensorRT there): every kernel against its
+# reference for real, then bench/plugins_cuda.py (TokenMerge vs the standard-op step at batch 1/8/64, its
+# fraction of copy bandwidth, the AOT cubins through cuda-python, DeiT-S ToMe r=13 end to end with and
+# without the kernels). Run from the repository root; writes the log under $OUT.
+set -euo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+out=${OUT:-/tmp/edgetok-device}
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -m edgetok plugins check --device cuda
+  python3 bench/plugins_cuda.py --batch 1 8 64
+} 2>&1 | tee "$out/plugins_check.log"
