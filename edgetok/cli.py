@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -405,8 +406,8 @@ def plugins_check_cmd(device) -> None:
 
 
 @plugins.command("build")
-@click.option("--arch", "archs", default="sm86,sm87,sm89,sm90,sm110,sm120", show_default=True,
-              help="GPU architectures: sm87 Orin, sm110 Thor, sm86/sm89/sm120 RTX, sm90 H200.")
+@click.option("--arch", "archs", default="all", show_default=True,
+              help="GPU architectures, e.g. sm87,sm110: sm87 Orin, sm110 Thor, sm86/sm89/sm120 RTX, sm90 H200.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write a bundle (.cubins.zip) here.")
 def plugins_build_cmd(archs, output) -> None:
     """Compile every kernel ahead of time (no GPU needed) into cubins and a manifest."""
@@ -416,11 +417,13 @@ def plugins_build_cmd(archs, output) -> None:
     if output and not output.endswith(".cubins.zip"):
         raise EdgetokError(f"-o {output} should end in .cubins.zip (engines and ONNX files look for NAME.cubins.zip "
                            "beside them)")
-    folder = cubins.build(chosen, _say)
-    click.echo(cubins.describe(folder / "manifest.json"))
     if output:
-        cubins.write_bundle(Path(output), chosen, _say)
-        click.echo(f"wrote {output}")
+        manifest = cubins.write_bundle(Path(output), chosen, _say)
+    else:
+        folder = cubins.build(chosen, _say)
+        manifest = cubins.restrict(json.loads((folder / cubins.MANIFEST).read_text()), chosen)
+        _say(f"cubins in {folder}")
+    click.echo(cubins.describe(manifest))
 
 
 class Terminated(KeyboardInterrupt):

@@ -9,9 +9,8 @@ child process without the variable.
 
 import os
 import sys
-import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
-    warnings.warn("triton was imported before tests/conftest.py set TRITON_INTERPRET=1: the Triton kernel tests "
-                  "will not run on CPU tensors", stacklevel=1)
+    raise RuntimeError("triton was imported before tests/conftest.py set TRITON_INTERPRET=1: the Triton kernel tests "
+                       "could not run on CPU tensors; find what imports triton at pytest start-up")

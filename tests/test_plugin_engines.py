@@ -188,7 +188,7 @@ def test_r_too_large_is_one_line(capsys, tmp_path, sm86_bundle):
     model = _token_merge_graph(tmp_path / "r.onnx", r=10)
     cubins.bundle_path(model).write_bytes(sm86_bundle.read_bytes())
     code, err = _bad_build(capsys, tmp_path, model, "--target", "sm86")
-    assert_one_line_error(code, err, "build failed", "r=10 is too large for 17 tokens", "at most 8", "lower --r")
+    assert_one_line_error(code, err, "build failed", "r=10 is too large for 17 tokens", "at most 8", "export with a lower --r")
 
 
 def test_target_without_cubins_is_refused_before_the_build(capsys, tmp_path):
@@ -276,3 +276,38 @@ def test_launch_without_a_gpu_is_one_line(sm86_bundle):
     with pytest.raises(PluginError) as caught:  # no driver here; with one, no current context in this process
         launch.Launcher(cubins.Bundle.open(sm86_bundle)).run(plan, [1, 2, 3], [4, 5], 6, 0)
     assert "\n" not in str(caught.value) and ("cuInit failed" in str(caught.value) or "context" in str(caught.value))
+
+
+def test_preflight_names_the_fix_before_an_engine_is_deserialized(sm86_bundle, tmp_path):
+    """What enqueue would fail on inside TensorRT (which only logs it) is checked, in one line, up front."""
+    bundle = cubins.Bundle.open(sm86_bundle)
+    assert launch.preflight(bundle, 86) == "sm86" and launch.preflight(bundle, 87) == "sm86"  # same major
+    with pytest.raises(PluginError, match=r"no kernels for this GPU \(sm110; it has sm86\): run `edgetok plugins "
+                                          r"build --arch sm110 -o .*sm86.cubins.zip` on a machine with Triton"):
+        launch.preflight(bundle, 110)
+    with pytest.raises(PluginError, match="compiles its plugin kernels for sm86, .*only; export without --plugins"):
+        launch.preflight(bundle, 80)
+    # a bundle compiled from other kernel sources (an older edgetok) would run today's plan on other kernels
+    import zipfile
+
+    stale = tmp_path / "stale.cubins.zip"
+    with zipfile.ZipFile(sm86_bundle) as old, zipfile.ZipFile(stale, "w") as new:
+        for name in old.namelist():
+            data = old.read(name)
+            if name == cubins.MANIFEST:
+                data = json.dumps({**json.loads(data), "source": "0123456789abcdef"}).encode()
+            new.writestr(name, data)
+    with pytest.raises(PluginError, match="other plugin sources than this edgetok's .*rebuild it"):
+        launch.preflight(cubins.Bundle.open(stale), 86)
+
+
+def test_rtx_build_without_targets_names_the_kernels_architectures(capsys, tmp_path, sm86_bundle):
+    """TensorRT-RTX's default targets include SM 8.0, which has no plugin kernels: the build names its targets."""
+    model = _token_merge_graph(tmp_path / "m.onnx")
+    code, out, err = run_cli(capsys, "build-engine", str(model), "--backend", "tensorrt-rtx", "--batch", "1:2:4",
+                             "-o", str(tmp_path / "m.engine"))
+    assert code == 0, err
+    assert "targets sm86, sm89, sm120: the architectures edgetok's plugin kernels are compiled for" in err
+    report = json.loads((tmp_path / "m.engine.build.json").read_text())
+    assert report["request"]["targets"] == ["sm86", "sm89", "sm120"]
+    assert sorted(report["edgetok_plugins"]["cubins"]["archs"]) == ["sm120", "sm86", "sm89"]

@@ -232,7 +232,9 @@ def test_build_all_archs(cache):
         assert entry["plugin"] == "TokenMerge" and entry["num_warps"] == kernel.num_warps and entry["threads"] == 128
         for arch in cubins.ARCHS:
             built = entry["archs"][arch]
-            assert built["ptx_params"] == len(kernel.params) + 2  # the hidden-parameter claim, read from the PTX
+            # read from the compiled PTX, not from KERNELS: declared types in order, then the two hidden pointers
+            ptx = {"*": "u64", "i32": "u32", "fp32": "f32"}
+            assert built["ptx_param_types"] == [ptx["*" if t.startswith("*") else t] for _, t in kernel.params] + ["u64"] * 2
             assert built["entry"] == kernel.name and built["num_warps"] == kernel.num_warps
             assert 0 < built["shared"] <= 48 * 1024  # no opt-in for large dynamic shared memory needed
             assert (folder / built["cubin"]).read_bytes()[:4] == b"\x7fELF"

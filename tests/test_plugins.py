@@ -161,8 +161,10 @@ def test_plugins_check_runs_every_kernel_under_the_interpreter():
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     cases = len(plugin_spec.get("TokenMerge").cases(np.random.default_rng(0)))
-    assert f"TokenMerge (tome_norm, tome_match, tome_rank, tome_slot, tome_merge): {cases}/{cases} cases match" \
-        in done.stdout
+    assert f"TokenMerge: {cases}/{cases} cases match the reference" in done.stdout
+    kernels = [line.split()[0] for line in done.stdout.splitlines()[1:]]
+    assert kernels == ["tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge"]  # one line per kernel
+    assert "tome_rank    0 mismatched indices" in done.stdout and "tome_slot    0 mismatched indices" in done.stdout
 
 
 def test_plugins_check_exits_non_zero_on_a_mismatch(capsys, monkeypatch):
@@ -174,6 +176,11 @@ def test_plugins_check_exits_non_zero_on_a_mismatch(capsys, monkeypatch):
         out, out_size = right(x, metric, size, r, prefix, class_token)
         return out + 1e-3, out_size
 
+    def rank_reversed(inputs, fields):  # the reference's intermediates with the tie rule of rank flipped
+        steps = spec.intermediates(inputs, fields)
+        steps["rank"] = [len(r) - 1 - r for r in steps["rank"]]
+        return steps
+
     monkeypatch.setitem(plugin_spec._REFERENCES, "TokenMerge", off_by_a_little)
     def one_case(rng):
         inputs = [rng.standard_normal((1, 9, 4)).astype(np.float32), rng.standard_normal((1, 9, 3)).astype(np.float32),
@@ -183,10 +190,13 @@ def test_plugins_check_exits_non_zero_on_a_mismatch(capsys, monkeypatch):
     import dataclasses
 
     spec = plugin_spec.get("TokenMerge")
-    monkeypatch.setitem(plugin_spec._SPECS, "TokenMerge", dataclasses.replace(spec, cases=one_case))
+    monkeypatch.setitem(plugin_spec._SPECS, "TokenMerge", dataclasses.replace(spec, cases=one_case,
+                                                                               intermediates=rank_reversed))
     code, out, _ = run_cli(capsys, "plugins", "check")
     assert code == 1
-    assert "0/1 cases match" in out and "MISMATCH one: error 0.00043" in out
+    assert "0/1 cases match" in out
+    assert "MISMATCH tome_rank on one: 4 indices differ" in out and "MISMATCH tome_merge on one: error 0.00043" in out
+    assert "MISMATCH tome_match" not in out  # the kernels before rank are right
 
 
 def test_plugins_list_and_build_errors(capsys):
@@ -240,3 +250,23 @@ def test_engine_with_plugins_needs_its_bundle(tmp_path):
                                            r"m.engine.cubins.zip beside it, which is missing") as err:
         prepare_engine(trt, engine)
     assert "\n" not in str(err.value)
+
+
+def test_runners_of_a_plugins_export(tmp_path):
+    """ONNX Runtime labels its timings as the Python reference ops'; the PyTorch runner re-creates the model
+    with plugin steps (the Triton kernels on a GPU; here, on a CPU, the standard ops: the same outputs)."""
+    from edgetok.runtime.runners import OnnxRuntimeRunner, TorchRunner
+
+    side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="tome", r=4, plugins=True,
+                                       output=str(tmp_path / "d.onnx")))
+    ort_runner = OnnxRuntimeRunner(side["path"], "cpu", 1)
+    assert ort_runner.plugins == side["plugins"]
+    assert "not the fused kernels' speed" in ort_runner.info()["plugins"]
+    torch_runner = TorchRunner(side["path"], "cpu", 2, False)
+    states = {b._edgetok_state for b in torch_runner.module.modules() if hasattr(b, "_edgetok_state")}
+    assert len(states) == 1 and states.pop().plugins
+    pixels = np.random.default_rng(1).standard_normal((2, *side["input_shape"][1:])).astype(np.float32)
+    with torch.no_grad():
+        want = torch_runner.module(torch.from_numpy(pixels)).numpy()
+    got = ort_runner.session.run(None, {"pixel_values": pixels})[0]
+    assert np.abs(got - want).max() <= 1e-5

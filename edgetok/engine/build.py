@@ -4,6 +4,7 @@ engine and its ``<engine>.build.json`` together (or nothing at all)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -226,30 +227,12 @@ def _request_record(opts: BuildOptions, backend: Backend, profiles, edgetok_plug
 def _plugin_uses(model: onnx.ModelProto, source: Path) -> list[dict]:
     """The edgetok plugins the graph needs; an unknown op or version is refused here, naming the fix,
     instead of as a parser error deep in the build."""
-    from edgetok.plugins.spec import NAMESPACE, PluginError, uses
+    from edgetok.plugins.spec import PluginError, uses
 
-    if not any(n.domain == NAMESPACE for n in model.graph.node):
-        return []
     try:
         return uses(model)
     except PluginError as exc:
         raise EdgetokError(f"{source.name}: {exc}") from None
-
-
-def _kernel_sources(uses: list[dict]) -> str:
-    """A digest of the code that decides the plugins' part of an engine: shape rules and kernels."""
-    import hashlib
-    import importlib.util
-
-    from edgetok.plugins.spec import get
-
-    digest = hashlib.sha256()
-    for use in uses:
-        spec = get(use["name"], use["version"])
-        for module in (spec.output_shapes.__module__, f"edgetok.plugins.kernels.{spec.kernels}",
-                       f"edgetok.plugins.kernels.{spec.kernels}_plan"):
-            digest.update(Path(importlib.util.find_spec(module).origin).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # TensorRT-RTX's default compute capabilities (SM 8.0, 8.6, 8.9, 12.0) that edgetok has kernels for
@@ -279,7 +262,7 @@ def _plugin_setup(opts: BuildOptions, backend: Backend, source: Path, uses: list
         return None
     from importlib import metadata
 
-    from edgetok.plugins.cubins import bundle_path
+    from edgetok.plugins.cubins import bundle_path, source_key
 
     beside = bundle_path(source)
     try:
@@ -288,7 +271,7 @@ def _plugin_setup(opts: BuildOptions, backend: Backend, source: Path, uses: list
         triton = None
     return {
         "uses": uses,
-        "kernels": _kernel_sources(uses),
+        "kernels": source_key(),
         "triton": triton,
         "archs": _cubin_archs(opts, backend),
         "bundle_sha256": sidecar.file_sha256(beside) if beside.is_file() else None,
@@ -304,13 +287,15 @@ def _stage_bundle(setup: dict, source: Path, target: Path, say: Callable[[str], 
 
     beside = cubins.bundle_path(source)
     if beside.is_file():
-        have = cubins.Bundle.open(beside).archs
-        lacking = [a for a in setup["archs"] if a not in have]
-        if not lacking:
+        found = cubins.Bundle.open(beside)
+        lacking = [a for a in setup["archs"] if a not in found.archs]
+        current = found.manifest.get("source") == cubins.source_key()
+        if current and not lacking:
             say(f"using the plugin cubins in {beside.name}")
             shutil.copyfile(beside, target)
             return
-        say(f"{beside.name} has no {lacking[0]} cubins; compiling the plugin kernels instead")
+        say(f"{beside.name} " + (f"has no {lacking[0]} cubins" if current else "was compiled from other kernel sources")
+            + "; compiling the plugin kernels instead")
     say(f"compiling the plugin kernels for {', '.join(setup['archs'])}")
     try:
         cubins.write_bundle(target, setup["archs"], say=lambda text: text.startswith("wrote ") or say(text))
@@ -391,7 +376,12 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     if out.suffix not in (".engine", ".plan", ".trt"):
         raise EdgetokError(f"-o {out} should end in .engine (or .plan / .trt)")
     source = Path(opts.onnx)
-    plugin_setup = _plugin_setup(opts, backend, source, _plugin_uses(model, source))
+    uses = _plugin_uses(model, source)
+    if uses and backend.name == "tensorrt-rtx" and not opts.targets:
+        # TensorRT-RTX's defaults include SM 8.0, for which there are no plugin kernels: name the targets
+        opts = dataclasses.replace(opts, targets=list(RTX_DEFAULT_ARCHS))
+        say(f"targets {', '.join(opts.targets)}: the architectures edgetok's plugin kernels are compiled for")
+    plugin_setup = _plugin_setup(opts, backend, source, uses)
     record = _request_record(opts, backend, profiles, plugin_setup)
     if reuse and out.is_file():
         why = stale_reason(out, source, record)

@@ -38,14 +38,12 @@ def _nodes(graph: onnx.GraphProto):
 
 def _plugin_problem(node: onnx.NodeProto) -> str | None:
     """Our own ops are checked against their specs; other custom domains need a plugin edgetok does not have."""
-    from edgetok.plugins.spec import NAMESPACE, PluginError, get, node_fields
+    from edgetok.plugins.spec import NAMESPACE, PluginError, node_spec
 
     if node.domain != NAMESPACE:
         return f"custom domain {node.domain!r}: TensorRT needs a plugin for it, and edgetok registers only {NAMESPACE!r}"
-    fields = node_fields(node)
-    version = fields.get("plugin_version", b"1")
     try:
-        get(node.op_type, version.decode() if isinstance(version, bytes) else str(version)).resolve(fields)
+        node_spec(node)
     except PluginError as exc:
         return str(exc)
     return None

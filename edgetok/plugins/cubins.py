@@ -27,7 +27,7 @@ from typing import Callable
 from edgetok.atomic import staging_dir, write_text
 from edgetok.plugins.spec import PluginError
 
-FORMAT = 1
+FORMAT = 2  # 2: PTX parameter types recorded per kernel and arch
 ARCHS = ("sm86", "sm87", "sm89", "sm90", "sm110", "sm120")
 HIDDEN_PARAMS = (("global_scratch", "*i8"), ("profile_scratch", "*i8"))  # appended by Triton to every entry
 MANIFEST = "manifest.json"
@@ -84,7 +84,7 @@ def source_key() -> str:
     for name, spec in sorted(specs().items()):
         digest.update(name.encode())
         plan = kernels.module(spec)
-        sources = sorted({k.source for k in plan.KERNELS})
+        sources = sorted({spec.output_shapes.__module__, *(k.source for k in plan.KERNELS)})
         for path in [plan.__file__, *(importlib.util.find_spec(m).origin for m in sources)]:
             digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
@@ -98,12 +98,20 @@ def cache_dir() -> Path:
     return root / "cubins" / f"{triton.__version__}-{source_key()}"
 
 
-def _entry_params(ptx: str, entry: str) -> int:
-    """How many parameters the PTX entry really takes (declared + what the compiler appended)."""
+def _entry_params(ptx: str, entry: str) -> list[str]:
+    """The PTX types of the parameters the entry really takes (declared + what the compiler appended)."""
     match = re.search(rf"\.entry\s+{re.escape(entry)}\s*\((.*?)\)", ptx, re.S)
     if not match:
         raise PluginError(f"no .entry {entry} in the PTX Triton produced; update edgetok.plugins.cubins")
-    return len(re.findall(r"\.param\s", match.group(1)))
+    return re.findall(r"\.param\s+\.(\w+)", match.group(1))
+
+
+# Triton parameter type -> the PTX parameter types it compiles to (pointers are 64-bit addresses)
+PTX_TYPES = {"*": ("u64", "b64"), "i32": ("u32", "s32", "b32"), "fp32": ("f32", "b32")}
+
+
+def ptx_type_matches(triton_type: str, ptx_type: str) -> bool:
+    return ptx_type in PTX_TYPES["*" if triton_type.startswith("*") else triton_type]
 
 
 def _compile_arch(arch: str, folder: Path) -> dict:
@@ -133,7 +141,7 @@ def _compile_arch(arch: str, folder: Path) -> dict:
             "global_scratch_size": int(meta.global_scratch_size), "global_scratch_align": int(meta.global_scratch_align),
             "profile_scratch_size": int(meta.profile_scratch_size),
             "profile_scratch_align": int(meta.profile_scratch_align),
-            "ptx_params": _entry_params(ptx, meta.name),
+            "ptx_param_types": _entry_params(ptx, meta.name),
         }
     info = {"arch": arch, "target": "/".join(sorted(targets)), "ptx_version": "/".join(sorted(ptx_versions)),
             "compile_s": round(time.perf_counter() - start, 2), "kernels": entries}
@@ -178,9 +186,11 @@ def _manifest(folder: Path, archs: list[str], infos: dict) -> dict:
         per_arch = {}
         for arch in archs:
             entry = dict(infos[arch]["kernels"][kernel.name])
-            if entry["ptx_params"] != len(declared) + len(hidden):
-                raise PluginError(f"{kernel.name} for {arch} takes {entry['ptx_params']} parameters in its PTX, "
-                                  f"expected {len(declared)} declared + {len(hidden)} hidden: Triton "
+            expected = [p["type"] for p in declared + hidden]
+            found = entry["ptx_param_types"]
+            if len(found) != len(expected) or not all(map(ptx_type_matches, expected, found)):
+                raise PluginError(f"{kernel.name} for {arch} takes ({', '.join(found)}) in its PTX, expected "
+                                  f"{len(declared)} declared + {len(hidden)} hidden ({', '.join(expected)}): Triton "
                                   f"{triton.__version__} changed its calling convention; update edgetok.plugins.cubins")
             per_arch[arch] = entry
         kernels[kernel.name] = {"plugin": plugin, "params": declared + hidden, "declared_params": len(declared),
@@ -200,8 +210,14 @@ def _highest(arch_info: dict) -> str | None:
 def build(archs=ARCHS, say: Callable[[str], object] = print) -> Path:
     """Compile what the cache lacks for ``archs``; returns the cache folder with manifest.json (covering every
     architecture built there so far) and <arch>/<kernel>.cubin."""
+    import importlib.util
+
     from filelock import FileLock
 
+    if importlib.util.find_spec("triton") is None:
+        raise PluginError("compiling the plugin kernels needs Triton, which is not installed here (a Jetson has none): "
+                          "run `edgetok plugins build -o NAME.cubins.zip` on an x86 machine with torch and copy the "
+                          "bundle beside the ONNX or engine")
     from edgetok.plugins.kernels import interpreting
 
     archs = parse_archs(archs if isinstance(archs, str) else ",".join(archs))
@@ -259,7 +275,7 @@ def describe(manifest) -> str:
     return "\n".join(lines)
 
 
-def _restrict(manifest: dict, archs: list[str]) -> dict:
+def restrict(manifest: dict, archs: list[str]) -> dict:
     """The manifest of a subset of its architectures."""
     out = json.loads(json.dumps(manifest))
     out["archs"] = {a: v for a, v in out["archs"].items() if a in archs}
@@ -282,7 +298,7 @@ def write_bundle(path, archs=ARCHS, say: Callable[[str], object] = print) -> dic
     path = Path(path)
     archs = parse_archs(archs if isinstance(archs, str) else ",".join(archs))
     folder = build(archs, say)
-    manifest = _restrict(json.loads((folder / MANIFEST).read_text()), archs)
+    manifest = restrict(json.loads((folder / MANIFEST).read_text()), archs)
     members = [_member(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())]
     for name in sorted(manifest["kernels"]):
         for arch, entry in sorted(manifest["kernels"][name]["archs"].items()):
@@ -337,6 +353,14 @@ class Bundle:
     @property
     def archs(self) -> list[str]:
         return [a for a in ARCHS if a in self.manifest.get("archs", {})]
+
+    def check_current(self) -> None:
+        """The cubins were compiled from this edgetok's kernels and launch plans: an older bundle would run
+        the current plan against other kernels, silently wrong."""
+        if self.manifest.get("source") != source_key():
+            raise PluginError(f"{self.path} holds kernels compiled from other plugin sources than this edgetok's "
+                              f"(source {self.manifest.get('source')}, here {source_key()}); rebuild it: "
+                              f"`edgetok plugins build -o {self.path}`, or re-export with --plugins and rebuild the engine")
 
     def kernel(self, name: str) -> dict:
         """The manifest entry of kernel ``name`` (params, num_warps, threads, per-arch cubin facts)."""

@@ -129,18 +129,48 @@ def launch_values(launch: Launch, inputs, outputs, workspace: int, where: Layout
     return resolve(launch, inputs, outputs, workspace) + hidden
 
 
-def select_arch(capability: int, available: list[str]) -> str:
+def select_arch(capability: int, available: list[str], where: str = "the cubin bundle") -> str:
     """The bundle's build ('sm86') for a GPU of compute capability ``capability`` (86): the exact one, else,
     below sm90 (whose Triton cubins are architecture-specific, sm_90a), the newest of the same major that is
     not newer (an sm86 cubin runs on sm89)."""
+    from edgetok.plugins.cubins import ARCHS
+
     numbers = {int(a[2:]): a for a in available}
     if capability in numbers:
         return numbers[capability]
     same = [n for n in numbers if n // 10 == capability // 10 and n <= capability < 90]
     if same:
         return numbers[max(same)]
-    raise PluginError(f"the cubin bundle has no kernels for this GPU (sm{capability}; it has {', '.join(available)}); "
-                      f"rebuild the engine for sm{capability} (edgetok build-engine --target / edgetok plugins build)")
+    have = ", ".join(available) or "none"
+    if f"sm{capability}" not in ARCHS:
+        raise PluginError(f"{where} has no kernels for this GPU (sm{capability}; it has {have}), and edgetok compiles "
+                          f"its plugin kernels for {', '.join(ARCHS)} only; export without --plugins for this GPU")
+    raise PluginError(f"{where} has no kernels for this GPU (sm{capability}; it has {have}): run `edgetok plugins "
+                      f"build --arch sm{capability} -o {where}` on a machine with Triton (x86 with torch)")
+
+
+def device_capability(ordinal: int = 0) -> int:
+    """Compute capability (87 for sm87) of CUDA device ``ordinal``, through the driver API (no torch)."""
+    driver = _driver()
+    _call("cuInit", driver.cuInit, 0)
+    device = _call("cuDeviceGet", driver.cuDeviceGet, ordinal)
+    attr = driver.CUdevice_attribute
+    major = _call("cuDeviceGetAttribute", driver.cuDeviceGetAttribute,
+                  attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device)
+    minor = _call("cuDeviceGetAttribute", driver.cuDeviceGetAttribute,
+                  attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device)
+    return 10 * int(major) + int(minor)
+
+
+def preflight(bundle, capability: int) -> str:
+    """Before an engine is deserialized: the bundle matches this edgetok's kernels and holds intact cubins of
+    every kernel for this GPU, so that enqueue cannot fail on them (TensorRT would only log it). Returns
+    the architecture whose cubins will run."""
+    bundle.check_current()
+    arch = select_arch(capability, bundle.archs, str(bundle.path))
+    for name in bundle.manifest.get("kernels", {}):
+        bundle.cubin(name, arch)
+    return arch
 
 
 def _driver():

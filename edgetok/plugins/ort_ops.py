@@ -17,6 +17,8 @@ def _define(spec) -> None:
     from edgetok.plugins.spec import run_reference
 
     types = {int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float}
+    tensors = {"float32": PyCustomOpDef.dt_float, "float16": PyCustomOpDef.dt_float16,
+               "int32": PyCustomOpDef.dt_int32, "int64": PyCustomOpDef.dt_int64}
     attrs = {f.name: types[f.type] for f in spec.fields}
     attrs["plugin_version"] = PyCustomOpDef.dt_string
 
@@ -24,8 +26,8 @@ def _define(spec) -> None:
         fields.pop("plugin_version", None)  # the version was checked when the graph was opened
         return tuple(run_reference(spec.name, list(inputs), fields))
 
-    onnx_op(op_type=f"{NAMESPACE}::{spec.name}", inputs=[PyCustomOpDef.dt_float] * len(spec.inputs),
-            outputs=[PyCustomOpDef.dt_float] * len(spec.outputs), attrs=attrs)(compute)
+    onnx_op(op_type=f"{NAMESPACE}::{spec.name}", inputs=[tensors[t.dtypes[0]] for t in spec.inputs],
+            outputs=[tensors[t.dtypes[0]] for t in spec.outputs], attrs=attrs)(compute)
 
 
 def register(options) -> None:

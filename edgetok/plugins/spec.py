@@ -8,7 +8,7 @@ none of them repeats a field name, a default or a shape rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from edgetok.errors import EdgetokError
@@ -52,6 +52,9 @@ class PluginSpec:
     kernels: str  # module under edgetok.plugins.kernels with the Triton kernels
     # rng -> [(case name, inputs, fields)]: random and adversarial calls `plugins check` runs every kernel on
     cases: Callable | None = None
+    # (inputs, fields) -> {scratch region: expected array}: what each kernel must compute on the way, so
+    # `plugins check` can name the kernel that goes wrong (regions hold only the leading meaningful entries)
+    intermediates: Callable | None = None
     version: str = VERSION
     formats: tuple[str, ...] = ("linear",)
 
@@ -67,11 +70,13 @@ class PluginSpec:
             if isinstance(value, bytes):
                 value = value.decode()
             try:
-                values[f.name] = f.type(value)
+                number = float(value)
+                values[f.name] = f.type(value) if f.type is float else int(value if isinstance(value, str) else number)
+                if f.type is int and number != values[f.name]:
+                    raise ValueError
             except (TypeError, ValueError):
-                raise PluginError(f"{self.name}: field {f.name}={value!r} is not {f.type.__name__}") from None
-            if f.type is int and values[f.name] != value and not isinstance(value, (int, float)):
-                raise PluginError(f"{self.name}: field {f.name}={value!r} is not an integer")
+                raise PluginError(f"{self.name}: field {f.name}={value!r} is not {'an integer' if f.type is int else 'a number'}; "
+                                  f"give e.g. {f.name}={f.default}") from None
         return values
 
     def validate(self, shapes: list[tuple[int, ...]], fields: dict, dtypes: list[str] | None = None) -> dict:
@@ -156,7 +161,6 @@ class PluginUse:
     name: str
     version: str
     nodes: int
-    fields: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "namespace": NAMESPACE, "version": self.version, "nodes": self.nodes}
@@ -167,15 +171,20 @@ def plugin_nodes(model) -> list:
     return [n for n in model.graph.node if n.domain == NAMESPACE]
 
 
+def node_spec(node) -> PluginSpec:
+    """The spec an ``edgetok`` node asks for (its op and ``plugin_version``), its fields checked."""
+    attrs = node_fields(node)
+    version = attrs.get("plugin_version", VERSION)
+    spec = get(node.op_type, version.decode() if isinstance(version, bytes) else str(version))
+    spec.resolve(attrs)
+    return spec
+
+
 def uses(model) -> list[dict]:
     """Plugins a graph needs, one entry per op (checked against the specs: unknown ops/versions raise)."""
     found: dict[str, PluginUse] = {}
     for node in plugin_nodes(model):
-        attrs = node_fields(node)
-        version = attrs.get("plugin_version", VERSION)
-        version = version.decode() if isinstance(version, bytes) else str(version)
-        spec = get(node.op_type, version)
-        spec.resolve(attrs)
+        spec = node_spec(node)
         use = found.setdefault(node.op_type, PluginUse(node.op_type, spec.version, 0))
         use.nodes += 1
     return [u.as_dict() for u in found.values()]

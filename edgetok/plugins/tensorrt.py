@@ -134,12 +134,12 @@ def _classes(trt):
     """The plugin and creator classes bound to one TensorRT module (tensorrt or tensorrt_rtx)."""
 
     class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, spec: PluginSpec, fields: dict, runtime: _Runtime, phase=None, node: str = ""):
+        def __init__(self, spec: PluginSpec, fields: dict, runtime: _Runtime, node: str = ""):
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
-            self.spec, self.fields, self.runtime, self.phase, self.node = spec, dict(fields), runtime, phase, node
+            self.spec, self.fields, self.runtime, self.node = spec, dict(fields), runtime, node
             self.plugin_name = spec.name
             self.plugin_namespace = NAMESPACE
             self.plugin_version = spec.version
@@ -152,7 +152,7 @@ def _classes(trt):
             return self
 
         def clone(self):
-            return Plugin(self.spec, self.fields, self.runtime, self.phase, self.node)
+            return Plugin(self.spec, self.fields, self.runtime, self.node)
 
         # build
 
@@ -174,7 +174,7 @@ def _classes(trt):
             tensor = self.spec.inputs[pos] if pos < num_inputs else self.spec.outputs[pos - num_inputs]
             dtype = _DTYPE_NAMES.get(desc.type.name, desc.type.name.lower())
             key = (self.timing_cache_id, pos)
-            if desc.format != trt.TensorFormat.LINEAR:
+            if desc.format not in [getattr(trt.TensorFormat, f.upper()) for f in self.spec.formats]:
                 return False
             if dtype not in tensor.dtypes:
                 if pos < num_inputs:
@@ -242,7 +242,7 @@ def _classes(trt):
             except PluginError as exc:
                 _FAILURES.append(f"{name}: {_one_line(exc)}")
                 raise
-            return Plugin(self.spec, fields, self.runtime, phase, name)
+            return Plugin(self.spec, fields, self.runtime, name)
 
     return Plugin, Creator
 

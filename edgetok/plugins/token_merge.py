@@ -44,7 +44,7 @@ def _check(shapes: list[tuple[int, ...]], f: dict) -> None:
     most = max_r(tokens, f["prefix"])
     if f["r"] > most:
         raise PluginError(f"TokenMerge: r={f['r']} is too large for {tokens} tokens with {f['prefix']} protected; "
-                          f"at most {most}: lower --r")
+                          f"at most {most}: export with a lower --r")
 
 
 def _cases(rng: np.random.Generator) -> list[tuple[str, list[np.ndarray], dict]]:
@@ -70,6 +70,31 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, list[np.ndarray], dict]]
     return cases
 
 
+def _intermediates(inputs: list[np.ndarray], f: dict) -> dict[str, list[np.ndarray]]:
+    """Per sample, what the kernels compute on the way: row norms, each A token's best score and match, its
+    rank, the unmerged A tokens by output slot, and the merged ones by (destination, rank)."""
+    _, metric, _ = inputs
+    found: dict[str, list[np.ndarray]] = {k: [] for k in ("norm", "best", "match", "rank", "kept", "sources")}
+    for sample in metric:
+        a_pos, b_pos = split(len(sample), f["prefix"])
+        norm = np.linalg.norm(sample, axis=-1)
+        unit = sample / norm[:, None]
+        scores = unit[a_pos] @ unit[b_pos].T
+        match = scores.argmax(axis=-1)
+        best = scores[np.arange(len(a_pos)), match]
+        order = np.argsort(-best, kind="stable")
+        rank = np.empty(len(a_pos), np.int64)
+        rank[order] = np.arange(len(a_pos))
+        merged, unmerged = order[:f["r"]], order[f["r"]:]
+        found["norm"].append(norm)
+        found["best"].append(best)
+        found["match"].append(match)
+        found["rank"].append(rank)
+        found["kept"].append(np.sort(unmerged) if f["class_token"] else unmerged)
+        found["sources"].append(merged[np.lexsort((rank[merged], match[merged]))])
+    return found
+
+
 SPEC = register(PluginSpec(
     name="TokenMerge",
     doc="one ToMe step: bipartite matching on head-averaged keys, size-weighted merge of the r best pairs",
@@ -91,6 +116,7 @@ SPEC = register(PluginSpec(
     check=_check,
     kernels="token_merge",
     cases=_cases,
+    intermediates=_intermediates,
 ))
 
 

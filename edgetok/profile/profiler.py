@@ -128,6 +128,8 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
     for e in entries:
         report = {"name": e["label"], "model": e["model"], "runner": e["runner"].info(), "batch": e["batch"],
                   "precision": _precision(e["model"]), **e["m"].report(e["batch"]), **_sidecar_facts(e["model"])}
+        if "Python reference ops" in report["runner"].get("plugins", ""):
+            report["warnings"] = [*report["warnings"], report["runner"]["plugins"]]
         if sampler:
             from edgetok.profile.tegrastats import summarize
 

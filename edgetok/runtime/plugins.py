@@ -36,30 +36,47 @@ def prepare_ort(options, path: str | Path) -> list[dict]:
 
 
 def engine_plugins(engine: str | Path) -> list[dict]:
-    """The edgetok plugins an engine was built with, from its build report ([] if none or no report)."""
+    """The edgetok plugins an engine was built with, from its build report ([] if it has none)."""
     report = Path(f"{engine}.build.json")
     if not report.is_file():
         return []
     try:
         data = json.loads(report.read_text())
-    except (OSError, ValueError):
-        return []
+    except (OSError, ValueError) as exc:
+        raise EdgetokError(f"{report} is not a readable build report ({type(exc).__name__}); rebuild the engine "
+                           "with edgetok build-engine") from None
     return list((data.get("edgetok_plugins") or {}).get("plugins") or [])
 
 
 def prepare_engine(trt, engine: str | Path) -> list[dict]:
     """Register edgetok's TensorRT plugins (launching the cubins carried beside the engine) before it is
-    deserialized; a missing bundle is named with its fix."""
-    needed = engine_plugins(engine)
-    if not needed:
-        return []
-    from edgetok.plugins.cubins import bundle_path
-    from edgetok.plugins.tensorrt import register
+    deserialized, and check now what enqueue would otherwise fail on inside TensorRT, which only logs it:
+    the bundle is there, matches this edgetok's kernels, and has intact cubins for this GPU."""
+    from edgetok.plugins.cubins import Bundle, bundle_path
 
+    needed = engine_plugins(engine)
     bundle = bundle_path(engine)
     if not bundle.is_file():
-        raise EdgetokError(f"{engine} uses edgetok plugins ({', '.join(p['name'] for p in needed)}) whose kernels "
-                           f"come in {bundle.name} beside it, which is missing; copy it along with the engine "
-                           "(edgetok profile --host does) or rebuild the engine with edgetok build-engine")
+        if needed:
+            raise EdgetokError(f"{engine} uses edgetok plugins ({', '.join(p['name'] for p in needed)}) whose kernels "
+                               f"come in {bundle.name} beside it, which is missing; copy it along with the engine "
+                               "(edgetok profile --host does) or rebuild the engine with edgetok build-engine")
+        return []
+    from edgetok.plugins import launch
+    from edgetok.plugins.tensorrt import register
+
+    launch.preflight(Bundle.open(bundle), launch.device_capability())
     register(trt, bundle)
     return needed
+
+
+def run_failure() -> str | None:
+    """Why an edgetok plugin failed while an engine ran (TensorRT only logs that it did); None if none did."""
+    import sys
+
+    if "edgetok.plugins.tensorrt" not in sys.modules:
+        return None
+    from edgetok.plugins.tensorrt import failures
+
+    found = failures(clear=True)
+    return found[0] if found else None

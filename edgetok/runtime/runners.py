@@ -111,6 +111,8 @@ class OnnxRuntimeRunner(Runner):
 
     def info(self):
         return {
+            **({"plugins": "edgetok plugin nodes run as Python reference ops (onnxruntime-extensions): "
+                           "not the fused kernels' speed"} if self.plugins else {}),
             "backend": self.name, "version": self.version, "execution_provider": EXECUTION_PROVIDERS[self.ep],
             "providers": self.session.get_providers(), "intra_op_threads": self.threads or "all cores",
             "allow_spinning": False,
@@ -194,7 +196,11 @@ class TensorRTEngineRunner(Runner):
                 self._enqueue()
 
     def _enqueue(self):
-        self.context.execute_async_v3(self.timer.stream.cuda_stream)
+        if not self.context.execute_async_v3(self.timer.stream.cuda_stream):
+            from edgetok.runtime.plugins import run_failure
+
+            why = run_failure()
+            raise EdgetokError(f"{self.name} could not run the engine: {why or 'execute_async_v3 failed (see its log)'}")
 
     def infer(self):
         h2d = d2h = None
@@ -231,22 +237,22 @@ class TorchRunner(Runner):
     def __init__(self, model: str, device: str, batch: int, cuda_graphs: bool):
         import torch
 
-        from edgetok.vit.export import ViTExportOptions
         from edgetok.vit.loading import load_vit
         from edgetok.vit.reduction import make_method, reduce_vit
 
+        name, checkpoint, img_size, method, kwargs, plugins = model, None, None, "none", {}, False
         if model.endswith(".onnx"):
             side = sidecar.read(model)
             red = dict(side["reduction"])
-            opts = ViTExportOptions(model=side["model"]["name"], checkpoint=side["model"].get("checkpoint"),
-                                    img_size=side["model"]["img_size"])
+            name, checkpoint, img_size = side["model"]["name"], side["model"].get("checkpoint"), side["model"]["img_size"]
             method = red.pop("method")
             kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
                       "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")}}[method]
-        else:
-            opts, method, kwargs = ViTExportOptions(model=model), "none", {}
-        vit = load_vit(opts.model, opts.checkpoint, opts.img_size)
-        reduce_vit(vit, make_method(method, vit.depth, **kwargs))
+            # a --plugins export: on a GPU its merges run as the plugin's Triton kernels, on a CPU as standard ops
+            plugins = bool((side.get("request") or {}).get("plugins"))
+        vit = load_vit(name, checkpoint, img_size)
+        reduce_vit(vit, make_method(method, vit.depth, **kwargs), plugins=plugins)
+        self.plugins = plugins and device != "cpu"
         self.torch, self.device, self.batch = torch, device, batch
         self.module = vit.module.to("cuda" if device != "cpu" else "cpu")
         self.weights = vit.weights
@@ -297,6 +303,8 @@ class TorchRunner(Runner):
                 "cuda_graphs": self.cuda_graphs, "threads": self.torch.get_num_threads()}
         if self.device != "cpu":
             info["gpu"] = self.torch.cuda.get_device_name()
+        if self.plugins:
+            info["plugins"] = "edgetok::TokenMerge as Triton kernels (JIT)"
         return info
 
 

@@ -23,6 +23,7 @@ class Kernel:
     params: tuple[tuple[str, str], ...]  # declared (name, Triton type: "*fp32", "*i32", "i32", "fp32"), in order
     constexprs: dict = field(default_factory=dict)  # block sizes, fixed so that one cubin serves every shape
     num_warps: int = 4
+    writes: tuple[str, ...] = ()  # scratch regions / outputs it computes: what `plugins check` compares per kernel
 
     @property
     def fn(self):
@@ -49,6 +50,7 @@ class Launch:
 class KernelPlan:
     launches: tuple[Launch, ...]
     scratch_bytes: int
+    regions: dict = field(default_factory=dict)  # scratch region name -> Buffer
 
 
 def module(spec):
@@ -89,8 +91,9 @@ _WRAPPED: dict = {}
 
 def jit_fn(kernel: Kernel):
     """A compiling JITFunction of ``kernel`` (AOT compiles and CUDA runs need one; not in interpreter mode).
-    Scalars are not specialised (no value-1 / divisible-by-16 variants), so a JIT run executes the code the
-    cubins hold."""
+    Scalars are not specialised (no value-1 / divisible-by-16 variants), as in the cubins; pointer alignment
+    still may be, so a JIT run checks the kernels' source, and bench/plugins_cuda.py checks the cubins
+    against it."""
     from triton.runtime.jit import JITFunction
 
     key = (kernel.name, "jit")
@@ -110,7 +113,7 @@ def interpreted_fn(kernel: Kernel):
     return _WRAPPED[key]
 
 
-def run_torch(spec, inputs: list, fields: dict) -> list:
+def run_torch(spec, inputs: list, fields: dict, scratch_regions: bool = False):
     """Run a plugin's kernel plan on torch tensors and return its outputs (float32). In interpreter mode
     every tensor goes through the interpreter (CUDA ones copied to the host and back: right, slow); otherwise
     CUDA tensors run JIT-compiled, with the same launches, grids and block sizes as the cubins, and CPU
@@ -148,4 +151,6 @@ def run_torch(spec, inputs: list, fields: dict) -> list:
     for launch in kernel_plan.launches:
         fn = interpreted_fn(launch.kernel) if interpret else jit_fn(launch.kernel)
         fn[launch.grid](*(arg(a) for a in launch.args), **launch.kernel.constexprs, num_warps=launch.kernel.num_warps)
+    if scratch_regions:  # the intermediate results, for checking each kernel on its own
+        return outputs, {name: arg(buffer) for name, buffer in kernel_plan.regions.items()}
     return outputs

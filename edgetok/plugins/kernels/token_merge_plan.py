@@ -14,22 +14,22 @@ MERGE_BLOCK_A, MERGE_BLOCK_C = 128, 256
 
 KERNELS = (
     Kernel("tome_norm", SOURCE, (("metric_ptr", "*fp32"), ("norm_ptr", "*fp32"), ("N", "i32"), ("D", "i32")),
-           {"BLOCK_N": NORM_BLOCK_N, "BLOCK_D": NORM_BLOCK_D}, num_warps=4),
+           {"BLOCK_N": NORM_BLOCK_N, "BLOCK_D": NORM_BLOCK_D}, num_warps=4, writes=("norm",)),
     Kernel("tome_match", SOURCE,
            (("metric_ptr", "*fp32"), ("norm_ptr", "*fp32"), ("best_ptr", "*fp32"), ("match_ptr", "*i32"),
             ("N", "i32"), ("D", "i32"), ("prefix", "i32")),
-           {"BLOCK_A": MATCH_BLOCK_A, "BLOCK_B": MATCH_BLOCK_B, "BLOCK_D": MATCH_BLOCK_D}, num_warps=4),
+           {"BLOCK_A": MATCH_BLOCK_A, "BLOCK_B": MATCH_BLOCK_B, "BLOCK_D": MATCH_BLOCK_D}, num_warps=4, writes=("best", "match")),
     Kernel("tome_rank", SOURCE, (("best_ptr", "*fp32"), ("rank_ptr", "*i32"), ("N", "i32"), ("prefix", "i32")),
-           {"BLOCK_A": RANK_BLOCK_A, "BLOCK_J": RANK_BLOCK_J}, num_warps=4),
+           {"BLOCK_A": RANK_BLOCK_A, "BLOCK_J": RANK_BLOCK_J}, num_warps=4, writes=("rank",)),
     Kernel("tome_slot", SOURCE,
            (("match_ptr", "*i32"), ("rank_ptr", "*i32"), ("kept_ptr", "*i32"), ("sources_ptr", "*i32"),
             ("N", "i32"), ("r", "i32"), ("prefix", "i32"), ("class_token", "i32")),
-           {"BLOCK_A": RANK_BLOCK_A, "BLOCK_J": RANK_BLOCK_J}, num_warps=4),
+           {"BLOCK_A": RANK_BLOCK_A, "BLOCK_J": RANK_BLOCK_J}, num_warps=4, writes=("kept", "sources")),
     Kernel("tome_merge", SOURCE,
            (("x_ptr", "*fp32"), ("size_ptr", "*fp32"), ("match_ptr", "*i32"), ("rank_ptr", "*i32"),
             ("kept_ptr", "*i32"), ("sources_ptr", "*i32"), ("out_ptr", "*fp32"), ("out_size_ptr", "*fp32"),
             ("N", "i32"), ("C", "i32"), ("r", "i32"), ("prefix", "i32")),
-           {"BLOCK_A": MERGE_BLOCK_A, "BLOCK_C": MERGE_BLOCK_C}, num_warps=4),
+           {"BLOCK_A": MERGE_BLOCK_A, "BLOCK_C": MERGE_BLOCK_C}, num_warps=4, writes=("merged", "merged_size")),
 )
 NORM, MATCH, RANK, SLOT, MERGE = KERNELS
 
@@ -57,9 +57,9 @@ def plan(shapes, fields: dict) -> KernelPlan:
     merge = Launch(MERGE, (tokens - r, batch, 1), (x, size, s["match"], s["rank"], s["kept"], s["sources"],
                                                    Buffer("output", 0), Buffer("output", 1), tokens, channels, r, prefix))
     if batch == 0 or tokens - r == 0:
-        return KernelPlan((), offset)
+        return KernelPlan((), offset, s)
     if r == 0:
-        return KernelPlan((merge,), offset)
+        return KernelPlan((merge,), offset, s)
     a_tiles = _cdiv(na, RANK_BLOCK_A)
     return KernelPlan((
         Launch(NORM, (_cdiv(tokens, NORM_BLOCK_N), batch, 1), (metric, s["norm"], tokens, dim)),
@@ -68,4 +68,4 @@ def plan(shapes, fields: dict) -> KernelPlan:
         Launch(RANK, (a_tiles, batch, 1), (s["best"], s["rank"], tokens, prefix)),
         Launch(SLOT, (a_tiles, batch, 1), (s["match"], s["rank"], s["kept"], s["sources"], tokens, r, prefix, class_token)),
         merge,
-    ), offset)
+    ), offset, s)
