@@ -35,6 +35,17 @@ class Tensor:
     rank: int
     doc: str
     dtypes: tuple[str, ...] = ("float32",)
+    size_tensor: bool = False  # a 0-d int64 output holding a data-dependent dimension (TensorRT size tensor)
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """A data-dependent output dimension in a shape rule: its value is the plugin's size-tensor output
+    ``size_output``; ``opt`` and ``upper`` (dims, or expressions over dims) are what TensorRT plans for and
+    the sound upper bound it allocates for."""
+    size_output: int
+    opt: object
+    upper: object
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class PluginSpec:
     outputs: tuple[Tensor, ...]
     # (input dims, fields) -> output dims. Dims are ints, or any type with + and - (TensorRT dimension
     # expressions): the same rule sizes reference outputs, ONNX shapes and TensorRT's computed shapes.
+    # A data-dependent dim is a Dynamic (its size-tensor output, opt, upper); a size-tensor output's shape is [].
     output_shapes: Callable[[list[list], dict], list[list]]
     # (input shapes with ints, fields) -> None; raises PluginError naming the bad value and the fix.
     check: Callable[[list[tuple[int, ...]], dict], None]
