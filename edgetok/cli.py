@@ -51,33 +51,40 @@ def export(ctx: click.Context, recipe: str | None) -> None:
     kind = values.pop("kind", "vit")
     if kind != "vit":
         raise EdgetokError(f"recipe {name}: export.kind {kind!r} is not supported; use 'vit'")
-    if isinstance(values.get("keep_layers"), str):
-        values["keep_layers"] = _ints(values["keep_layers"])
+    for key in ("keep_layers", "ats_blocks"):
+        if isinstance(values.get(key), str):
+            values[key] = _ints(values[key])
     click.echo(summary(export_vit(ViTExportOptions(**values), _say)))
 
 
 @export.command("vit")
 @click.argument("model")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .pth/.safetensors weights for a timm name.")
-@click.option("--method", type=click.Choice(["none", "tome", "evit"]), default="none", show_default=True)
-@click.option("--r", "r", type=int, help="ToMe: tokens merged in every block.")
+@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome"]), default="none", show_default=True)
+@click.option("--r", "r", type=int, help="ToMe: tokens merged in every block; dtome: the mean its calibration aims at.")
 @click.option("--r-schedule", help="ToMe: '(r, inflect)' e.g. '(16, -1)' (decreasing), or a per-block list '16,16,8'.")
 @click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1].")
 @click.option("--keep-layers", help="EViT: 0-based blocks that prune, e.g. 3,6,9 (default: depth/4, depth/2, 3depth/4).")
+@click.option("--ats-blocks", help="ATS: 0-based blocks that sample, e.g. 3,4,...,11 (default: depth/4 to the last).")
+@click.option("--ats-budget", type=float, help="ATS: tokens kept at most (with the class token), or a fraction (default 1.0).")
+@click.option("--calibrate", type=click.Path(), help="dtome: image folder its per-block thresholds are calibrated on.")
+@click.option("--cap", type=int, help="dtome: at most this many merges per image and block.")
 @click.option("--img-size", type=int, help="Input resolution (a multiple of the patch size).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch for export (batch stays dynamic).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--allow-unsupported-ops", is_flag=True, help="Write the ONNX even if TensorRT would reject some nodes.")
 @click.option("--plugins", is_flag=True, help="Each ToMe step as one edgetok::TokenMerge plugin node (fused kernel).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
-def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, img_size, batch, opset,
-                   allow_unsupported_ops, plugins, output) -> None:
+def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
+                   cap, img_size, batch, opset, allow_unsupported_ops, plugins, output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
     opts = ViTExportOptions(
         model=model, checkpoint=checkpoint, method=method, r=r, r_schedule=r_schedule, keep_rate=keep_rate,
-        keep_layers=_ints(keep_layers), img_size=img_size, batch=batch, opset=opset, output=output,
+        keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks),
+        ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
+        calibrate=calibrate, cap=cap, img_size=img_size, batch=batch, opset=opset, output=output,
         allow_unsupported_ops=allow_unsupported_ops, plugins=plugins,
     )
     click.echo(summary(export_vit(opts, _say)))
@@ -167,7 +174,8 @@ def _ensure_export(opts, out: Path, label: str, echo: bool = False) -> None:
 @click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-rtx"]),
               help="ONNX Runtime execution provider (default: cpu, or cuda on a GPU device).")
 @click.option("--batch", type=int, help="Batch size (default: 1, or the engine's opt profile).")
-@click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input (default: random, seeded).")
+@click.option("--inputs", type=click.Path(), help=".npz with one array per input, or an image folder (the first "
+              "--batch images, preprocessed as exported; default: random, seeded).")
 @click.option("--warmup", type=float, help="Warm-up time in ms (default 200).")
 @click.option("--duration", type=float, help="Timed seconds per model, at least (default 3).")
 @click.option("--iterations", type=int, help="Timed iterations per model, at least (default 10).")
@@ -349,6 +357,9 @@ def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> 
     line = f"{model}: top-1 {result['top1']:.2%}"
     line += f", top-5 {result['top5']:.2%}" if result["top5"] is not None else ""
     line += f" on {result['samples']} images ({result['classes']} classes)"
+    if result.get("tokens_kept"):
+        line += "; tokens kept after blocks " + ", ".join(f"{b}: mean {t['mean']:.1f} [{t['min']}-{t['max']}]"
+                                                          for b, t in result["tokens_kept"].items())
     if "reference" in result:
         ref = result["reference"]
         line += f"; vs {ref['model']}: top-1 agreement {ref['top1_agreement']:.2%}, mean KL {ref['mean_kl']:.4f}"
@@ -371,12 +382,14 @@ def data() -> None:
 
 
 @data.command("digits")
-@click.option("-o", "--output", default="edgetok-out/digits-heldout", show_default=True, type=click.Path(file_okay=False))
-def data_digits_cmd(output) -> None:
-    """The reference ViT's held-out split of scikit-learn's digits, as an ImageFolder."""
+@click.option("--split", type=click.Choice(["heldout", "train"]), default="heldout", show_default=True,
+              help="heldout: for accuracy; train: the images the model learned from, for calibrating (dtome).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Folder (default: edgetok-out/digits-<split>).")
+def data_digits_cmd(split, output) -> None:
+    """A split of the reference ViT's scikit-learn digits, as an ImageFolder."""
     from edgetok.vit.digits import write_heldout_folder
 
-    info = write_heldout_folder(output)
+    info = write_heldout_folder(output or f"edgetok-out/digits-{split}", split)
     click.echo(f"wrote {info['images']} images in {info['classes']} class folders to {info['path']}")
 
 

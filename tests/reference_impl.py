@@ -142,3 +142,72 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
         outputs.append(model.forward_head(model.norm(x[None]))[0])
         counts = counts or image_counts
     return torch.stack(outputs), counts, stats
+
+
+def dtome_merge(x, sizes, k, threshold: float, prefix: int, cap, stats: dict):
+    """DyMU's dynamic ToMe on one image's real tokens ``x`` [N, C] (no padding), as the paper describes it.
+
+    ToMe's split and scores (see ``tome_merge``: A = even positions, B = odd, prefix tokens protected by
+    the set they fall in), but instead of the r best edges, every A token whose best similarity is
+    *above* ``threshold`` merges into its match; with a ``cap``, only the image's ``cap`` best-matching A
+    tokens may (ties: the first position). The surviving tokens keep their positions' order.
+    Returns (tokens, sizes, number merged).
+    """
+    metric = k.mean(dim=0)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    n = x.shape[0]
+    set_a = [a for a in range(0, n, 2) if a >= prefix]
+    set_b = [b for b in range(1, n, 2) if b >= prefix]
+    best = {}  # a -> (score, b): the first b with the highest score
+    for a in set_a:
+        scores = [(float(metric[a] @ metric[b]), b) for b in set_b]
+        top = None
+        for s, b in scores:
+            if top is None or s > top[0]:
+                top = (s, b)
+        if top is None:
+            continue
+        best[a] = top
+        others = [s for s, b in scores if b != top[1]]
+        if others:
+            note_gap(stats, top[0] - max(others))
+        note_gap(stats, abs(top[0] - threshold))
+    ranked = sorted(best, key=lambda a: (-best[a][0], a))
+    if cap is not None:
+        if 0 < cap < len(ranked):
+            note_gap(stats, best[ranked[cap - 1]][0] - best[ranked[cap]][0])
+        ranked = ranked[:cap]
+    merged = [a for a in ranked if best[a][0] > threshold]
+    total = {i: x[i] * sizes[i] for i in range(n)}
+    weight = {i: sizes[i] for i in range(n)}
+    for a in merged:
+        b = best[a][1]
+        total[b] = total[b] + x[a] * sizes[a]
+        weight[b] += sizes[a]
+    order = [i for i in range(n) if i not in merged]
+    return torch.stack([total[i] / weight[i] for i in order]), [weight[i] for i in order], len(merged)
+
+
+@torch.no_grad()
+def dtome_forward(model, images, thresholds, cap=None):
+    """Logits of ``model`` (an unpatched timm VisionTransformer) with dtome applied, each image on its own.
+
+    Returns (logits [B, classes], per image the tokens entering each block's MLP, stats)."""
+    prefix = model.num_prefix_tokens
+    stats: dict = {}
+    outputs, counts = [], []
+    for image in images:
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+        sizes = [1.0] * x.shape[0]
+        image_counts = []
+        for layer, block in enumerate(model.blocks):
+            out, q, k = attention(block, x, sizes, proportional=True)
+            x = x + block.ls1(out)
+            if thresholds[layer] != math.inf:
+                layer_cap = cap[layer] if isinstance(cap, (list, tuple)) else cap
+                x, sizes, _ = dtome_merge(x, sizes, k, thresholds[layer], prefix, layer_cap, stats)
+            image_counts.append(x.shape[0])
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        outputs.append(model.forward_head(model.norm(x[None]))[0])
+        counts.append(image_counts)
+    return torch.stack(outputs), counts, stats

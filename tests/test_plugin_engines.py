@@ -24,7 +24,8 @@ from edgetok.plugins.kernels import Buffer, Kernel, KernelPlan, Launch  # noqa: 
 from edgetok.plugins.kernels import token_merge_plan as tm_kernels  # noqa: E402
 from edgetok.plugins.spec import PluginError  # noqa: E402
 
-KERNELS = {"tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge"}
+KERNELS = {"tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge",  # a bundle holds every plugin's
+           "prune_scan", "prune_count", "prune_gather"}
 TOKENS, CHANNELS, DIM = 17, 8, 4
 
 
@@ -145,7 +146,8 @@ def test_fields_survive_serialization(sm86_bundle):
     registered = plugins.register(trt, sm86_bundle)
     assert plugins.register(trt, sm86_bundle) == registered  # idempotent
     assert registered == [{"name": "TokenMerge", "namespace": "edgetok", "version": "1",
-                           "fields": ["r", "prefix", "class_token"]}]
+                           "fields": ["r", "prefix", "class_token"]},
+                          {"name": "TokenPrune", "namespace": "edgetok", "version": "1", "fields": ["prefix"]}]
     assert trt.get_plugin_registry().get_creator("TokenMerge", "1", "edgetok") is not None
     creator = plugins.creator(trt, "TokenMerge")
     assert [f.name for f in creator.field_names] == ["r", "prefix", "class_token"]

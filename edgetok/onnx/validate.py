@@ -22,7 +22,9 @@ class Comparison:
         return asdict(self)
 
 
-def ort_session(path: str, threads: int = 0):
+def ort_session(path: str, threads: int = 0, extra_outputs: tuple[str, ...] = ()):
+    """A CPU session; ``extra_outputs`` makes inner tensors graph outputs too (after the model's own), e.g. the
+    sizes a data-dependent step leaves, to count tokens kept."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -32,6 +34,12 @@ def ort_session(path: str, threads: int = 0):
     from edgetok.runtime.plugins import prepare_ort
 
     prepare_ort(options, path)  # graphs with edgetok plugin nodes run their references
+    if extra_outputs:
+        import onnx
+
+        model = onnx.load(path)
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra_outputs)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

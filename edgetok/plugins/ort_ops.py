@@ -2,6 +2,8 @@
 
 Each op runs the plugin's registered reference, so a graph holding ``edgetok`` nodes runs in ONNX Runtime
 and is checked against PyTorch like any other export. Python and numpy: for checking, not for speed.
+Output shapes are those of the returned arrays, so data-dependent outputs (TokenPrune's [B, K, C]) need
+nothing special; a size tensor comes back as a 0-d int64.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ def _define(spec) -> None:
     attrs["plugin_version"] = PyCustomOpDef.dt_string
 
     def compute(*inputs, **fields):
+        import numpy as np
+
         fields.pop("plugin_version", None)  # the version was checked when the graph was opened
-        return tuple(run_reference(spec.name, list(inputs), fields))
+        outputs = run_reference(spec.name, list(inputs), fields)
+        return tuple(np.asarray(o, dtype=t.dtypes[0]) for o, t in zip(outputs, spec.outputs))
 
     onnx_op(op_type=f"{NAMESPACE}::{spec.name}", inputs=[tensors[t.dtypes[0]] for t in spec.inputs],
             outputs=[tensors[t.dtypes[0]] for t in spec.outputs], attrs=attrs)(compute)

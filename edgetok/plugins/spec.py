@@ -108,6 +108,18 @@ class PluginSpec:
         self.check([tuple(int(d) for d in s) for s in shapes], fields)
         return fields
 
+    def size_outputs(self) -> list[int]:
+        """Positions of the size-tensor outputs (0-d int64 values of data-dependent dims)."""
+        return [i for i, t in enumerate(self.outputs) if t.size_tensor]
+
+    def concrete_shapes(self, shapes: list[tuple[int, ...]], fields: dict, sizes: dict | None = None) -> list[list[int]]:
+        """Output shapes for integer input shapes: a ``Dynamic`` dim takes the value its size tensor holds in
+        ``sizes`` ({output position: value}), or, for an output not yet computed, its upper bound (what
+        TensorRT allocates before the kernels have counted)."""
+        sizes = sizes or {}
+        return [[int(sizes.get(d.size_output, d.upper)) if isinstance(d, Dynamic) else int(d) for d in dims]
+                for dims in self.output_shapes([list(s) for s in shapes], fields)]
+
     def fields_doc(self) -> str:
         return ", ".join(f"{f.name}:{f.type.__name__}={f.default}" for f in self.fields)
 
@@ -130,7 +142,7 @@ def reference(op: str):
 
 
 def _load_builtins() -> None:
-    from edgetok.plugins import token_merge  # noqa: F401  (registers its spec and reference)
+    from edgetok.plugins import token_merge, token_prune  # noqa: F401  (register their specs and references)
 
 
 def specs() -> dict[str, PluginSpec]:

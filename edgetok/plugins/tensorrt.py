@@ -6,6 +6,9 @@ dtypes, the output-shape rule and the checks all come from ``edgetok.plugins.spe
 ahead-of-time compiled Triton cubins of a bundle (``<engine>.cubins.zip``), launched through cuda-python
 (``edgetok.plugins.launch``, which needs neither torch nor Triton); the launches of one call come from the
 plugin's launch plan (``kernels/<name>_plan.py``, which does not import Triton either).
+A data-dependent dim of the spec (``Dynamic``) becomes a size tensor (``declare_size_tensor`` with the spec's
+opt and upper bound); the size-tensor output itself is 0-d INT64. TensorRT allocates such outputs for the
+upper bound and the kernels write them packed at the size they count.
 
 These are Python plugins: the process that deserializes an engine must call ``register(trt, bundle_path)``
 first (trtexec and C++ applications cannot run such engines).
@@ -14,11 +17,13 @@ first (trtexec and C++ applications cannot run such engines).
 from __future__ import annotations
 
 import functools
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from edgetok.plugins.spec import NAMESPACE, PluginError, PluginSpec, specs
+from edgetok.plugins.spec import NAMESPACE, Dynamic, PluginError, PluginSpec, specs
 
 # spec dtype -> TensorRT DataType member
 _DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int32": "INT32", "int64": "INT64",
@@ -42,6 +47,33 @@ def failures(clear: bool = False) -> list[str]:
         _REFUSED.clear()
         _ACCEPTED.clear()
     return found
+
+
+_SIZE_TENSORS: list[dict] = []  # size tensors declared in get_output_shapes in this process
+SIZE_TENSOR_LOG = "EDGETOK_PLUGIN_SIZE_TENSOR_LOG"  # a file: each declaration also appended there as a JSON line
+
+
+def size_tensors(clear: bool = False) -> list[dict]:
+    """The size tensors declared to TensorRT in this process ({node, plugin, output, name, opt, upper}; opt and
+    upper are ints when TensorRT's expressions are constants, else None). Builds run in a worker process: set
+    $EDGETOK_PLUGIN_SIZE_TENSOR_LOG to a file to see them from outside (what the bound really was)."""
+    found = list(_SIZE_TENSORS)
+    if clear:
+        _SIZE_TENSORS.clear()
+    return found
+
+
+def _record_size_tensor(plugin, output: int, opt, upper) -> None:
+    def value(expr):
+        return int(expr.get_constant_value()) if expr.is_constant() else None
+
+    entry = {"node": plugin.node, "plugin": plugin.spec.name, "output": output,
+             "name": plugin.spec.outputs[output].name, "opt": value(opt), "upper": value(upper)}
+    _SIZE_TENSORS.append(entry)
+    log = os.environ.get(SIZE_TENSOR_LOG)
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -165,8 +197,20 @@ def _classes(trt):
             ops = trt.DimensionOperation
             dims = [[_Dim(expr_builder, d[i], ops) for i in range(len(d))] for d in inputs]
             shapes = self.spec.output_shapes(dims, self.fields)
-            return [trt.DimsExprs([d.expr if isinstance(d, _Dim) else expr_builder.constant(int(d)) for d in shape])
-                    for shape in shapes]
+            declared = {}  # size-tensor output -> its dimension expression, declared once for every use
+
+            def expr(d):
+                if isinstance(d, _Dim):
+                    return d.expr
+                if isinstance(d, Dynamic):
+                    if d.size_output not in declared:
+                        opt, upper = expr(d.opt), expr(d.upper)
+                        declared[d.size_output] = expr_builder.declare_size_tensor(d.size_output, opt, upper)
+                        _record_size_tensor(self, d.size_output, opt, upper)
+                    return declared[d.size_output]
+                return expr_builder.constant(int(d))
+
+            return [trt.DimsExprs([expr(d) for d in shape]) for shape in shapes]
 
         @_reported
         def supports_format_combination(self, pos, in_out, num_inputs):

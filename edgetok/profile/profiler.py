@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgetok import atomic, sidecar
 from edgetok.errors import EdgetokError
 from edgetok.profile import compare
@@ -85,6 +87,36 @@ def _sidecar_facts(model: str) -> dict:
     return {k: side.get(k) for k in ("flops", "reduction", "accuracy")}
 
 
+def image_inputs(folder: str, model: str, specs: dict, batch: int) -> tuple[dict[str, np.ndarray], int]:
+    """The first ``batch`` images of an ImageFolder, preprocessed as the model's export records: with
+    data-dependent reduction the latency depends on the images, so profile real ones."""
+    from edgetok.vit.evaluate import export_record, image_folder
+
+    if len(specs) != 1:
+        raise EdgetokError(f"--inputs {folder}: an image folder feeds a one-input model; {model} has {len(specs)} inputs")
+    dataset = image_folder(folder, export_record(model)["preprocessing"])
+    if len(dataset) < batch:
+        raise EdgetokError(f"--inputs {folder} has {len(dataset)} images, fewer than --batch {batch}")
+    images = np.stack([dataset[i][0].numpy() for i in range(batch)])
+    return {next(iter(specs)): images.astype(next(iter(specs.values()))[1])}, batch
+
+
+def tokens_kept(model: str, feed: dict) -> list[dict] | None:
+    """Tokens each image keeps after each data-dependent block for these inputs (an ONNX model run once in
+    ONNX Runtime with the plugin nodes' size outputs exposed); None for models without such steps."""
+    if Path(model).suffix != ".onnx":
+        return None
+    from edgetok.onnx.validate import ort_session
+    from edgetok.runtime.plugins import token_count_outputs
+
+    outputs = token_count_outputs(model)
+    if not outputs:
+        return None
+    sizes = ort_session(model, extra_outputs=tuple(outputs.values())).run(None, feed)[-len(outputs):]
+    return [{"block": block, "per_image": (size[..., 0] > 0).sum(axis=1).tolist()}
+            for block, size in zip(outputs, sizes)]
+
+
 def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None = None) -> dict:
     """Profile every model; ``progress(label, seconds_done)`` is called as time passes."""
     _check(opts)
@@ -95,13 +127,16 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
         runner, batch = open_runner(model, opts.backend, opts.device, opts.batch, opts.threads, opts.ep,
                                     opts.cuda_graphs, opts.data_transfers)
         specs = runner.input_specs()
-        if opts.inputs:
+        if opts.inputs and Path(opts.inputs).is_dir():
+            feed, batch = image_inputs(opts.inputs, model, specs, batch)
+        elif opts.inputs:
             feed, batch = load_inputs(opts.inputs, specs)
         else:
             check_batch_fits(model, batch, specs, _export_sidecar(model), opts.device)
             feed = random_inputs(specs, batch, opts.seed)
         runner.set_inputs(feed)
-        entries.append({"model": model, "label": label, "runner": runner, "batch": batch, "m": Measurement()})
+        entries.append({"model": model, "label": label, "runner": runner, "batch": batch, "m": Measurement(),
+                        "tokens_kept": tokens_kept(model, feed)})
 
     sampler = None
     if opts.device == "jetson":
@@ -127,7 +162,8 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
     models = []
     for e in entries:
         report = {"name": e["label"], "model": e["model"], "runner": e["runner"].info(), "batch": e["batch"],
-                  "precision": _precision(e["model"]), **e["m"].report(e["batch"]), **_sidecar_facts(e["model"])}
+                  "precision": _precision(e["model"]), **e["m"].report(e["batch"]), **_sidecar_facts(e["model"]),
+                  **({"tokens_kept": e["tokens_kept"]} if e["tokens_kept"] else {})}
         if "Python reference ops" in report["runner"].get("plugins", ""):
             report["warnings"] = [*report["warnings"], report["runner"]["plugins"]]
         if sampler:
@@ -179,6 +215,8 @@ def summary(result: dict) -> str:
             f"{lat['p99']:.2f} / max {lat['max']:.2f} ms (CV {lat['cv']:.1%}), {m['throughput']['qps']:.1f} qps"
             + (f"; {legs}" if legs else "")
         )
+        for kept in m.get("tokens_kept") or []:
+            lines.append(f"  tokens kept after block {kept['block']}: {', '.join(map(str, kept['per_image']))} (per image)")
         for w in m["warnings"]:
             lines.append(f"  warning: {w}")
     if result.get("jetson", {}).get("warning"):

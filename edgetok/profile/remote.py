@@ -352,6 +352,10 @@ def _check_inputs(path: str) -> None:
     """The .npz must be readable here; whether it fits the models is checked where they run."""
     import numpy as np
 
+    if Path(path).is_dir():
+        raise EdgetokError(f"--inputs {path} is a folder; with --host give an .npz (profile locally with the folder, "
+                           "or save the preprocessed images with numpy.savez)")
+
     if not os.path.isfile(path):
         raise EdgetokError(f"--inputs {path} does not exist; give an .npz with one array per input")
     try:

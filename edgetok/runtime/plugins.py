@@ -22,6 +22,25 @@ def onnx_needs_plugins(path: str | Path) -> list[dict]:
     return uses(model)
 
 
+def token_count_outputs(path: str | Path) -> dict[int, str]:
+    """Block -> the sizes output of that block's data-dependent plugin node (its padding rows have size 0), so
+    the tokens each image keeps can be counted; {} for a graph without such steps."""
+    import re
+
+    import onnx
+
+    from edgetok.plugins.spec import NAMESPACE, node_spec
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = {}
+    for i, node in enumerate(n for n in model.graph.node if n.domain == NAMESPACE):
+        spec = node_spec(node)
+        if any(t.size_tensor for t in spec.outputs):
+            block = re.search(r"blocks\.(\d+)", node.name)
+            found[int(block.group(1)) if block else i] = node.output[1]
+    return found
+
+
 def prepare_ort(options, path: str | Path) -> list[dict]:
     """Register the edgetok ONNX Runtime ops on ``options`` if the graph at ``path`` has edgetok nodes."""
     needed = onnx_needs_plugins(path)
@@ -46,6 +65,18 @@ def engine_plugins(engine: str | Path) -> list[dict]:
         raise EdgetokError(f"{report} is not a readable build report ({type(exc).__name__}); rebuild the engine "
                            "with edgetok build-engine") from None
     return list((data.get("edgetok_plugins") or {}).get("plugins") or [])
+
+
+def data_dependent_plugins(engine: str | Path) -> list[str]:
+    """The engine's plugins whose output sizes follow the input (a size-tensor output), by name."""
+    from edgetok.plugins.spec import get
+
+    found = []
+    for use in engine_plugins(engine):
+        spec = get(use["name"], use.get("version", "1"))
+        if any(t.size_tensor for t in spec.outputs):
+            found.append(use["name"])
+    return found
 
 
 def prepare_engine(trt, engine: str | Path) -> list[dict]:

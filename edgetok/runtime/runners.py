@@ -137,6 +137,12 @@ class TensorRTEngineRunner(Runner):
     """A serialized TensorRT or TensorRT-RTX engine; buffers and events come from PyTorch's CUDA."""
 
     def __init__(self, path: str, module: str, batch: int, cuda_graphs: bool | None, data_transfers: bool | None):
+        from edgetok.runtime.plugins import data_dependent_plugins
+
+        self.data_dependent = data_dependent_plugins(path)  # token counts follow the input: no CUDA graph
+        if cuda_graphs and self.data_dependent:
+            raise EdgetokError(f"{Path(path).name} has data-dependent shapes ({', '.join(self.data_dependent)}: the "
+                               "token count follows the image), which a CUDA graph cannot capture; use --no-cuda-graphs")
         if importlib.util.find_spec(module) is None:
             raise EdgetokError(f"{path} needs {module}, which is not installed: pip install {module.replace('_', '-')}")
         self.torch = _torch_cuda()
@@ -146,7 +152,7 @@ class TensorRTEngineRunner(Runner):
         # trtexec's defaults: TensorRT 11 turned CUDA graphs on and data transfers off.
         self.defaults = "trtexec 11.x" if module == "tensorrt" and major >= 11 else f"trtexec {major}.x"
         new_defaults = module == "tensorrt" and major >= 11
-        self.cuda_graphs = new_defaults if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = (new_defaults and not self.data_dependent) if cuda_graphs is None else cuda_graphs
         self.data_transfers = (not new_defaults) if data_transfers is None else data_transfers
         self.logger = trt.Logger(trt.Logger.ERROR)
         from edgetok.runtime.plugins import prepare_engine
@@ -225,6 +231,7 @@ class TensorRTEngineRunner(Runner):
     def info(self):
         return {"backend": self.name, "version": self.trt.__version__, "defaults": self.defaults,
                 "cuda_graphs": self.cuda_graphs, "data_transfers": self.data_transfers,
+                **({"data_dependent_shapes": self.data_dependent} if self.data_dependent else {}),
                 "gpu": self.torch.cuda.get_device_name()}
 
 
@@ -247,12 +254,19 @@ class TorchRunner(Runner):
             name, checkpoint, img_size = side["model"]["name"], side["model"].get("checkpoint"), side["model"]["img_size"]
             method = red.pop("method")
             kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
-                      "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")}}[method]
+                      "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")},
+                      "ats": {"ats_blocks": red.get("ats_blocks"), "ats_budget": red.get("ats_budget")},
+                      "dtome": {"r_schedule": red.get("target_r_per_layer"), "thresholds": red.get("thresholds"),
+                                "cap": red.get("cap")}}[method]
             # a --plugins export: on a GPU its merges run as the plugin's Triton kernels, on a CPU as standard ops
             plugins = bool((side.get("request") or {}).get("plugins"))
         vit = load_vit(name, checkpoint, img_size)
-        reduce_vit(vit, make_method(method, vit.depth, **kwargs), plugins=plugins)
+        reduce_vit(vit, make_method(method, vit.depth, **kwargs, tokens=vit.num_tokens), plugins=plugins)
         self.plugins = plugins and device != "cpu"
+        if cuda_graphs and device != "cpu" and getattr(vit.blocks[0], "_edgetok_state", None) is not None \
+                and getattr(vit.blocks[0]._edgetok_state.method, "data_dependent", False):
+            raise EdgetokError(f"{Path(model).name}: {method} keeps a data-dependent number of tokens, which a CUDA "
+                               "graph cannot capture; use --no-cuda-graphs")
         self.torch, self.device, self.batch = torch, device, batch
         self.module = vit.module.to("cuda" if device != "cpu" else "cpu")
         self.weights = vit.weights

@@ -55,8 +55,9 @@ def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-def write_heldout_folder(out_dir: str | Path) -> dict:
-    """The held-out split as an ImageFolder: ``out_dir/<digit>/<index>.png``; written whole or not at all."""
+def write_heldout_folder(out_dir: str | Path, split: str = "heldout") -> dict:
+    """A split as an ImageFolder: ``out_dir/<digit>/<index>.png``; written whole or not at all. ``heldout`` is
+    for accuracy; ``train`` (what the model was trained on) for calibrating a method, never for accuracy."""
     out_dir = Path(out_dir)
     blocking = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -64,15 +65,23 @@ def write_heldout_folder(out_dir: str | Path) -> dict:
 
         raise EdgetokError(f"-o {out_dir}: {blocking} is a file, not a folder; choose another output folder")
     images, labels = digit_images()
-    _, held = split_indices(len(images))
+    train, held = split_indices(len(images))
+    if split not in ("heldout", "train"):
+        from edgetok.errors import EdgetokError
+
+        raise EdgetokError(f"--split {split!r} is unknown; choose heldout (for accuracy) or train (for calibration)")
+    held = held if split == "heldout" else train
     with atomic.staging_dir(out_dir) as stage:
         data = stage / "data"
         for digit in range(10):
             (data / str(digit)).mkdir(parents=True)
         for i in held:
             images[i].save(data / str(labels[i]) / f"{i:04d}.png")
-        (data / "README.txt").write_text(f"{len(held)} held-out scikit-learn digits (32x32 PNG), written by "
-                                         "`edgetok data digits`; the reference ViT never saw them in training.\n")
+        (data / "README.txt").write_text(
+            f"{len(held)} held-out scikit-learn digits (32x32 PNG), written by `edgetok data digits`; the reference "
+            "ViT never saw them in training.\n" if split == "heldout" else
+            f"{len(held)} scikit-learn digits the reference ViT was trained on (32x32 PNG), written by `edgetok data "
+            "digits --split train`: for calibrating methods, never for accuracy.\n")
         if out_dir.exists() and any(out_dir.iterdir()):
             from edgetok.errors import EdgetokError
 

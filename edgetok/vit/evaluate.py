@@ -78,8 +78,12 @@ class Predictor:
 
             if not path.is_file():
                 raise EdgetokError(f"{model} does not exist")
+            from edgetok.runtime.plugins import token_count_outputs
+
             self.sha256 = sidecar.file_sha256(model)
-            self.session = ort_session(model)
+            self.count_outputs = token_count_outputs(model)  # data-dependent steps: count what each image keeps
+            self.tokens_kept = {block: [] for block in self.count_outputs}
+            self.session = ort_session(model, extra_outputs=tuple(self.count_outputs.values()))
             if sidecar.file_sha256(model) != self.sha256:
                 raise EdgetokError(f"{model} changed while it was being loaded; run eval again when its export is done")
             self.input = self.session.get_inputs()[0].name
@@ -103,7 +107,10 @@ class Predictor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.kind == "onnx":
-            return self.session.run(None, {self.input: images})[0]
+            logits, *sizes = self.session.run(None, {self.input: images})[:1 + len(self.count_outputs)]
+            for block, size in zip(self.count_outputs, sizes):
+                self.tokens_kept[block] += (size[..., 0] > 0).sum(axis=1).tolist()
+            return logits
         if self.kind == "engine":
             return next(iter(self.runner.run({self.runner.inputs[0]: images}).values()))
         import torch
@@ -174,6 +181,9 @@ def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = No
     }
     if reference:
         result["reference"] = {"model": opts.reference, **agreement(logits, np.concatenate(ref_logits))}
+    if getattr(predictor, "tokens_kept", None):  # data-dependent reduction: what the images kept, per block
+        result["tokens_kept"] = {str(block): {"mean": round(float(np.mean(v)), 2), "min": int(min(v)), "max": int(max(v))}
+                                 for block, v in sorted(predictor.tokens_kept.items())}
     if opts.write_sidecar and predictor.kind == "onnx":
         why = record_accuracy(opts.model, predictor.sha256, result)
         if why:

@@ -34,6 +34,10 @@ class ViTExportOptions:
     r_schedule: str | None = None
     keep_rate: float | None = None
     keep_layers: list[int] | None = None
+    ats_blocks: list[int] | None = None
+    ats_budget: float | None = None
+    calibrate: str | None = None  # dtome: image folder its thresholds are calibrated on
+    cap: int | None = None  # dtome: at most this many merges per image and block
     img_size: int | None = None
     batch: int = 1
     opset: int = 17
@@ -50,13 +54,16 @@ class ViTExportOptions:
 def default_output(opts: ViTExportOptions) -> Path:
     stem = Path(opts.model).name if Path(opts.model).is_dir() else opts.model
     tag = {"none": "dense", "tome": f"tome_r{opts.r if opts.r is not None else 'sched'}",
-           "evit": f"evit_k{opts.keep_rate}"}.get(opts.method, opts.method)
+           "evit": f"evit_k{opts.keep_rate}",
+           "ats": f"ats_b{opts.ats_budget if opts.ats_budget is not None else 1.0}",
+           "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}"}.get(opts.method, opts.method)
     if opts.plugins:
         tag += "_plugins"
     return Path("edgetok-out") / f"{stem}_{tag}.onnx"
 
 
-REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "img_size", "plugins")
+REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
+                "calibrate", "cap", "img_size", "plugins")
 
 
 def export_request(opts: ViTExportOptions) -> dict:
@@ -99,11 +106,23 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     vit = load_vit(opts.model, opts.checkpoint, opts.img_size)
     if vit.weights == "random":
         say("no weights given: the model is randomly initialised (weights: random)")
-    method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers)
+    if opts.calibrate is not None and opts.method != "dtome":
+        raise EdgetokError("--calibrate is a dtome option (its thresholds are calibrated on the folder); use --method dtome")
+    if opts.method == "dtome" and opts.calibrate is None:
+        raise EdgetokError("--method dtome needs --calibrate DIR: an image folder (one subfolder per class) on which "
+                           "its per-block thresholds are calibrated, e.g. edgetok-out/digits-heldout from `edgetok data digits`")
+    method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
+                         opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap)
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
     reduced = reduce_vit(vit, method, plugins=opts.plugins)
+    if opts.method == "dtome":
+        from edgetok.vit.dtome import calibrate
+
+        say(f"calibrating dtome's thresholds on {opts.calibrate}")
+        calibrate(vit, method, opts.calibrate)
+        reduced = plan(vit, method)  # the thresholds and the measured merges go into the sidecar
 
     shape = (vit.in_chans, vit.img_size, vit.img_size)
     gen = torch.Generator().manual_seed(0)
@@ -154,6 +173,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
             "preprocessing": vit.preprocessing,
             "reduction": {
                 "method": reduced.method,
+                **({"data_dependent": True} if getattr(method, "data_dependent", False) else {}),
                 **reduced.params,
                 "tokens_per_layer": [list(t) for t in reduced.tokens],
             },
@@ -202,10 +222,13 @@ def summary(data: dict) -> str:
         f"wrote {data['path']} (+ {sidecar.sidecar_path(data['path']).name})",
         f"  model      {data['model']['name']} ({data['model']['family']}, weights: {data['model']['weights']})",
         f"  head       {data['model'].get('head') or ', '.join(o['name'] for o in data['onnx']['outputs'])}",
-        f"  method     {red['method']}  tokens {red['tokens_per_layer'][0][0]} -> {tokens[-1]} "
-        f"(per block: {','.join(map(str, tokens))})",
-        f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "
-        f"{fl['speedup_bound']:.2f}x)",
+        *([f"  method     {red['method']}  tokens follow the image (at most {red['tokens_per_layer'][0][0]}): "
+           "edgetok eval reports the tokens kept per block",
+           f"  GMACs      {fl['dense_gmacs']:.3f} dense; reduced: per image"] if red.get("data_dependent") else [
+            f"  method     {red['method']}  tokens {red['tokens_per_layer'][0][0]} -> {tokens[-1]} "
+            f"(per block: {','.join(map(str, tokens))})",
+            f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "
+            f"{fl['speedup_bound']:.2f}x)"]),
         *(["  plugins    " + ", ".join(f"{p['name']} x{p['nodes']}" for p in data["plugins"])
            + " (edgetok v1: ONNX Runtime runs their references; build-engine the fused kernels)"] if data.get("plugins") else []),
         *([f"  kernels    {data['cubins']['file']}: {len(data['cubins']['kernels'])} Triton kernels as cubins for "

@@ -50,6 +50,11 @@ class _ReducingMixin:
         state = self._edgetok_state
         taps = self._edgetok_taps
         amount = state.amounts[self._edgetok_layer]
+        if hasattr(state.method, "reduce"):  # a step of its own (data-dependent ones prune through a plugin op)
+            size = state.size if state.size is not None else torch.ones_like(x[..., :1])
+            x, state.size = state.method.reduce(amount, taps, x, size, state.prefix, state.class_token)
+            taps.pop("q"), taps.pop("k"), taps.pop("v", None)
+            return x
         if state.plugins and amount and hasattr(state.method, "plugin_step"):
             size = state.size if state.size is not None else torch.ones_like(x[..., :1])
             x, state.size = state.method.plugin_step(amount, taps.pop("k"), x, size, state.prefix, state.class_token)
@@ -95,8 +100,10 @@ class ReducingViTLayer(ViTLayer, _ReducingMixin):
         return hidden_states + residual
 
 
-def _tap(taps: dict, key: str, heads: int | None = None):
+def _tap(taps: dict, key: str, heads: int | None = None, part: int | None = None):
     def hook(module, args, output):
+        if part is not None:  # fused [B, N, 3*H*D] qkv projection: take q, k or v
+            output = output.view(*output.shape[:2], 3, -1)[:, :, part]
         if heads is not None:  # [B, N, H*D] projection -> [B, H, N, D]
             b, n, _ = output.shape
             output = output.view(b, n, heads, -1).transpose(1, 2)
@@ -115,12 +122,16 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
             taps["scale"] = block.attn.scale
             block.attn.q_norm.register_forward_hook(_tap(taps, "q"))
             block.attn.k_norm.register_forward_hook(_tap(taps, "k"))
+            if getattr(method, "data_dependent", False):  # ATS scores tokens by their values' norm too
+                block.attn.qkv.register_forward_hook(_tap(taps, "v", block.attn.num_heads, part=2))
         elif type(block) is ViTLayer:
             block.__class__ = ReducingViTLayer
             attn = block.attention
             taps["scale"] = attn.scaling
             attn.q_proj.register_forward_hook(_tap(taps, "q", attn.num_attention_heads))
             attn.k_proj.register_forward_hook(_tap(taps, "k", attn.num_attention_heads))
+            if getattr(method, "data_dependent", False):
+                attn.v_proj.register_forward_hook(_tap(taps, "v", attn.num_attention_heads))
         else:
             raise EdgetokError(
                 f"{vit.name} uses {type(block).__name__} blocks, which edgetok cannot reduce yet; "
@@ -129,4 +140,8 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
         block._edgetok_state = state
         block._edgetok_layer = layer
         block._edgetok_taps = taps
+    if getattr(method, "data_dependent", False):
+        from edgetok.vit.dynamic import padding_aware
+
+        padding_aware(vit, state)
     return state

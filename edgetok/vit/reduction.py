@@ -10,7 +10,7 @@ from edgetok.vit.loading import LoadedViT
 from edgetok.vit.patch import patch_blocks
 from edgetok.vit.tome import ToMe, parse_r_schedule
 
-METHODS = ("none", "tome", "evit")
+METHODS = ("none", "tome", "evit", "ats", "dtome")
 
 
 @dataclass
@@ -32,8 +32,17 @@ def make_method(
     r_schedule: str | list | None = None,
     keep_rate: float | None = None,
     keep_layers: list[int] | None = None,
+    ats_blocks: list[int] | None = None,
+    ats_budget: float | None = None,
+    tokens: int | None = None,
+    thresholds: list | None = None,
+    cap: int | None = None,
 ):
-    """The method object for ``name`` (None for ``none``), from CLI/recipe parameters."""
+    """The method object for ``name`` (None for ``none``), from CLI/recipe parameters; ``tokens`` is the
+    model's token count (ATS samples from it)."""
+    ats_given = ats_blocks is not None or ats_budget is not None
+    if ats_given and name != "ats":
+        raise EdgetokError("--ats-blocks/--ats-budget are ATS options; they need --method ats")
     if name not in METHODS:
         raise EdgetokError(f"--method {name!r} is unknown; choose one of {', '.join(METHODS)}")
     if name == "tome" and (keep_rate is not None or keep_layers is not None):
@@ -54,6 +63,22 @@ def make_method(
         if keep_rate is None:
             raise EdgetokError("--method evit needs --keep-rate F in (0, 1], e.g. 0.7")
         return EViT(keep_rate, default_keep_layers(depth) if keep_layers is None else keep_layers, depth)
+    if (thresholds is not None or cap is not None) and name != "dtome":
+        raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
+    if name == "dtome":
+        if keep_rate is not None or keep_layers is not None:
+            raise EdgetokError("--method dtome takes --r (or --r-schedule), --calibrate and --cap, not --keep-rate")
+        from edgetok.vit.dtome import make_dtome
+
+        return make_dtome(depth, r, r_schedule, None if thresholds is None else
+                          [float("inf") if t is None else t for t in thresholds], cap)
+    if name == "ats":
+        if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
+            raise EdgetokError("--method ats takes --ats-blocks and --ats-budget (not --r/--keep-rate)")
+        from edgetok.vit.ats import ATS, default_blocks
+
+        return ATS(default_blocks(depth) if ats_blocks is None else ats_blocks,
+                   1.0 if ats_budget is None else ats_budget, depth, tokens or 0)
     if r or r_schedule or keep_rate is not None or keep_layers is not None:
         raise EdgetokError("--r/--r-schedule/--keep-rate need --method tome or evit")
     return None

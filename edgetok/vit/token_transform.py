@@ -9,6 +9,11 @@ made only of sources (EViT's fused token). Sizes (how many patches a token stand
 It is realised here once, with export-friendly ops only: GatherElements for the kept and moved
 tokens and a one-hot MatMul for the merge (no ScatterElements/ScatterND with reduction, no
 NonZero), which TensorRT accepts. Shapes are static per layer; only the batch is dynamic.
+
+Data-dependent methods (the count left depends on the image) pad each image to the batch maximum: with
+``pad=True``, index N (one past the last token) is a virtual zero row (x = 0, weight 0, size 0). ``keep``
+points padding rows at it; ``src`` may point at it too (with any valid ``dst``: it adds nothing). An output
+row whose weights sum to 0 (a padding row) is 0, with size 0.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class TokenTransform:
     src: torch.Tensor | None = None  # [B, M] int64: tokens folded into another row
     dst: torch.Tensor | None = None  # [B, M] int64: output row each source goes to
     num_new: int = 0  # rows K..K+num_new-1 are made of sources only
+    pad: bool = False  # index N (one past the last token) is a zero row: x = 0, weight 0, size 0
 
     @property
     def num_out(self) -> int:
@@ -43,6 +49,8 @@ def apply_transform(
     ``weight`` [B, N, 1] weighs each token in the averages (ToMe: its size; EViT: its class
     attention). Pure pruning (no sources) is a plain gather.
     """
+    if t.pad:  # the zero row that index N points at
+        x, size, weight = (torch.nn.functional.pad(v, (0, 0, 0, 1)) for v in (x, size, weight))
     if t.src is None:
         return gather_tokens(x, t.keep), gather_tokens(size, t.keep)
     channels = x.shape[-1]
@@ -55,5 +63,8 @@ def apply_transform(
     rows = torch.arange(t.num_out, device=x.device)
     one_hot = (t.dst.unsqueeze(-1) == rows).to(x.dtype)  # [B, M, N']
     merged = kept + one_hot.transpose(1, 2) @ moved
-    out = merged[..., :channels] / merged[..., channels : channels + 1]
+    total = merged[..., channels : channels + 1]
+    if t.pad:  # padding rows: 0 / 0 -> 0
+        total = total.clamp_min(torch.finfo(total.dtype).tiny)
+    out = merged[..., :channels] / total
     return out, merged[..., channels + 1 :]

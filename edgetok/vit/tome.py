@@ -11,6 +11,7 @@ Proportional attention adds ``log(size)`` to the logits.
 from __future__ import annotations
 
 import ast
+from typing import NamedTuple
 
 import torch
 
@@ -95,6 +96,38 @@ class ToMe:
         return token_merge(x, k.mean(dim=1), size, r, prefix, bool(class_token))
 
 
+class Matching(NamedTuple):
+    """Each A token's most similar B token (see ``bipartite_match``)."""
+
+    best: torch.Tensor  # [B, n_a]: cosine similarity of each A token to its best B token
+    match: torch.Tensor  # [B, n_a]: that B token, as an index into B
+    a_start: int  # A = positions a_start, a_start + 2, ... (prefix tokens in A left out)
+    b_start: int  # B = positions b_start, b_start + 2, ... (prefix tokens in B left out)
+    n_b: int
+
+
+def bipartite_match(metric, prefix: int, valid=None) -> Matching:
+    """ToMe's matching, shared by ToMe and DyMU's dynamic ToMe, on ``metric`` [B, N, D] (the keys
+    averaged over heads): L2-normalised; A = positions 0, 2, 4, ... and B = 1, 3, 5, ... of *all*
+    tokens, less the prefix tokens (a prefix token in A is never merged, one in B never receives a
+    merge: the reference's -inf row and column, here left out of the score matrix); each A token's
+    best B token by cosine similarity (the first on ties).
+
+    ``valid`` [B, N] bool (optional) excludes tokens from the matching (padding rows of a batch with
+    different token counts per image): no A token matches an excluded B token, and an excluded A
+    token's best score is -inf."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a_start, b_start = 2 * ((prefix + 1) // 2), 2 * (prefix // 2) + 1  # prefix tokens at even / odd positions
+    a, b = metric[:, a_start::2], metric[:, b_start::2]
+    scores = a @ b.transpose(1, 2)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, b_start::2], float("-inf"))
+    best, match = scores.max(dim=-1)  # each A token's most similar B token
+    if valid is not None:
+        best = best.masked_fill(~valid[:, a_start::2], float("-inf"))
+    return Matching(best, match, a_start, b_start, b.shape[1])
+
+
 def bipartite_transform(metric, r: int, prefix: int, class_token: bool) -> TokenTransform:
     """Bipartite soft matching on ``metric`` [B, N, D] (the keys averaged over heads).
 
@@ -107,11 +140,8 @@ def bipartite_transform(metric, r: int, prefix: int, class_token: bool) -> Token
     match, and equal scores ranked by position (ONNX TopK's rule; torch.topk has none, so eager
     PyTorch sorts stably).
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a_prefix, b_prefix = (prefix + 1) // 2, prefix // 2  # prefix tokens at even / odd positions
-    a, b = metric[:, 2 * a_prefix :: 2], metric[:, 2 * b_prefix + 1 :: 2]
-    n_a, n_b = a.shape[1], b.shape[1]
-    best, match = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
+    best, match, a_start, b_start, n_b = bipartite_match(metric, prefix)
+    n_a = best.shape[1]
     if torch.onnx.is_in_onnx_export():
         order = best.topk(n_a, dim=-1).indices  # A tokens by how well they match, best first
     else:
@@ -121,10 +151,10 @@ def bipartite_transform(metric, r: int, prefix: int, class_token: bool) -> Token
         unmerged_a = unmerged_a.topk(n_a - r, dim=-1, largest=False).values  # original order
     batch = metric.shape[0]
     prefix_idx = torch.arange(prefix, device=metric.device).expand(batch, prefix)
-    b_idx = (torch.arange(n_b, device=metric.device) * 2 + 2 * b_prefix + 1).expand(batch, n_b)
-    keep = torch.cat([prefix_idx, unmerged_a * 2 + 2 * a_prefix, b_idx], dim=1)
+    b_idx = (torch.arange(n_b, device=metric.device) * 2 + b_start).expand(batch, n_b)
+    keep = torch.cat([prefix_idx, unmerged_a * 2 + a_start, b_idx], dim=1)
     dst = torch.gather(match, 1, src_a) + (prefix + n_a - r)
-    return TokenTransform(keep=keep, src=src_a * 2 + 2 * a_prefix, dst=dst)
+    return TokenTransform(keep=keep, src=src_a * 2 + a_start, dst=dst)
 
 
 @torch.library.custom_op("edgetok::token_merge", mutates_args=())

@@ -114,10 +114,17 @@ def interpreted_fn(kernel: Kernel):
 
 
 def run_torch(spec, inputs: list, fields: dict, scratch_regions: bool = False):
-    """Run a plugin's kernel plan on torch tensors and return its outputs (float32). In interpreter mode
-    every tensor goes through the interpreter (CUDA ones copied to the host and back: right, slow); otherwise
-    CUDA tensors run JIT-compiled, with the same launches, grids and block sizes as the cubins, and CPU
-    tensors are an error (the interpreter cannot be switched on once triton is imported)."""
+    """Run a plugin's kernel plan on torch tensors and return its outputs (in the spec's dtypes). In interpreter
+    mode every tensor goes through the interpreter (CUDA ones copied to the host and back: right, slow);
+    otherwise CUDA tensors run JIT-compiled, with the same launches, grids and block sizes as the cubins, and
+    CPU tensors are an error (the interpreter cannot be switched on once triton is imported).
+
+    Data-dependent outputs are handled as TensorRT does: each is allocated flat at its upper bound, the kernels
+    write it packed at the size they count, and only then (reading the size tensors back, a sync) is it cut
+    to that size and shaped: a view of the leading elements, not a narrow, because a packed [B, K, C] at the
+    computed K is not the first K rows of a [B, N, C]."""
+    import math
+
     import torch
 
     from edgetok.plugins.spec import PluginError
@@ -133,11 +140,12 @@ def run_torch(spec, inputs: list, fields: dict, scratch_regions: bool = False):
     inputs = [t.contiguous() for t in inputs]
     shapes = [tuple(t.shape) for t in inputs]
     fields = spec.validate(shapes, fields, [str(t.dtype).removeprefix("torch.") for t in inputs])
-    outputs = [torch.empty([int(d) for d in dims], dtype=torch.float32, device=device)
-               for dims in spec.output_shapes([list(s) for s in shapes], fields)]
+    dtypes = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
+    upper = spec.concrete_shapes(shapes, fields)
+    outputs = [torch.empty(math.prod(dims), dtype=dtypes[t.dtypes[0]], device=device).view(dims if t.size_tensor else -1)
+               for t, dims in zip(spec.outputs, upper)]
     kernel_plan = module(spec).plan(shapes, fields)
     scratch = torch.empty(max(kernel_plan.scratch_bytes, 256), dtype=torch.uint8, device=device)
-    dtypes = {"float32": torch.float32, "int32": torch.int32}
 
     def arg(value):
         if not isinstance(value, Buffer):
@@ -151,6 +159,12 @@ def run_torch(spec, inputs: list, fields: dict, scratch_regions: bool = False):
     for launch in kernel_plan.launches:
         fn = interpreted_fn(launch.kernel) if interpret else jit_fn(launch.kernel)
         fn[launch.grid](*(arg(a) for a in launch.args), **launch.kernel.constexprs, num_warps=launch.kernel.num_warps)
+    sizes = {i: int(outputs[i].item()) for i in spec.size_outputs()}
+    for i, dims in enumerate(spec.concrete_shapes(shapes, fields, sizes)):
+        if min(dims, default=0) < 0 or math.prod(dims) > outputs[i].numel():
+            raise PluginError(f"{spec.name}: the kernels counted output {spec.outputs[i].name} as {dims}, beyond "
+                              f"its declared upper bound {upper[i]}: a kernel bug")
+        outputs[i] = outputs[i].reshape(-1)[:math.prod(dims)].view(dims)
     if scratch_regions:  # the intermediate results, for checking each kernel on its own
         return outputs, {name: arg(buffer) for name, buffer in kernel_plan.regions.items()}
     return outputs

@@ -1,0 +1,116 @@
+"""ATS: adaptive token sampling (Fayyaz et al., ECCV 2022), training-free, as its reference code defines it.
+
+At each ATS block, after attention: each non-prefix token's score is the class token's attention to it,
+summed over heads, times the norm of its value vector (all heads), normalised to sum 1. The scores are
+sorted ascending and their CDF min-max normalised; ``n_ref - 1`` evenly spaced targets from the smallest
+non-zero CDF value to 1 each pick the token whose CDF is nearest (the first on ties); repeated picks
+collapse; the first ``budget - 1`` unique picks (in ascending score order) are kept with the prefix tokens.
+So the kept count follows the image. Only the kept rows go on to the MLP; padding rows of a batch have
+size 0, so later blocks (proportional attention) and pooling ignore them.
+
+Every size comes from the tensors (``dynamic_size``), so the same code exports: the sampling as standard
+ops, the prune as one ``edgetok::TokenPrune`` node with a data-dependent token count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.vit.dynamic import dynamic_size, key_bias, token_prune
+
+MIN_TOKENS = 8  # the reference never samples fewer
+
+
+def default_blocks(depth: int) -> list[int]:
+    """The reference's DeiT-S config samples in blocks 3..11 of 12: from depth/4 on."""
+    return list(range(depth // 4, depth))
+
+
+def sample(score: torch.Tensor, real: torch.Tensor, n_ref: int, budget: torch.Tensor) -> torch.Tensor:
+    """Which candidates ATS keeps, from their scores [B, T]: a float mask [B, T].
+
+    ``real`` [B, T] marks the candidates that are not padding (an image alone has none): the CDF's min-max
+    normalisation and its smallest non-zero value are taken over real candidates only, so an image samples the
+    same tokens in a padded batch as alone. ``n_ref`` is the model's full token count (the targets are
+    n_ref - 1), ``budget`` [B, 1] the tokens to keep counting the class token (it depends on each image's own
+    token count)."""
+    score = score / score.sum(dim=1, keepdim=True)
+    if torch.onnx.is_in_onnx_export():  # TopK puts equal scores in index order, as the stable sort does
+        order = score.topk(score.shape[1], dim=1, largest=False).indices
+    else:
+        order = torch.sort(score, dim=1, stable=True).indices
+    cdf = torch.cumsum(torch.gather(score, 1, order), dim=1)
+    real = torch.gather(real, 1, order)
+    inf = torch.full_like(cdf, float("inf"))
+    low = torch.where(real, cdf, inf).min(dim=1, keepdim=True).values
+    high = torch.where(real, cdf, -inf).max(dim=1, keepdim=True).values
+    cdf = torch.where(real, (cdf - low) / (high - low), torch.full_like(cdf, -1e8))  # padding: never nearest
+    start = torch.where(real & (cdf != 0), cdf, torch.full_like(cdf, 1e8)).min(dim=1, keepdim=True).values
+    steps = torch.arange(n_ref - 1, device=score.device, dtype=score.dtype)
+    ys = start + ((torch.linspace(0, 1, n_ref - 1, device=score.device, dtype=score.dtype) * (n_ref - 2))
+                  - start * steps) / (n_ref - 2)  # n_ref - 1 targets from `start` to 1, as the reference writes it
+    picks = (ys.unsqueeze(2) - cdf.unsqueeze(1)).abs().argmin(dim=2)  # [B, n_ref - 1] positions in score order
+    candidates = dynamic_size(score, 1)
+    picks = torch.sort(picks, dim=1).values
+    following = torch.cat([picks[:, 1:], torch.ones_like(picks[:, :1])], dim=1)  # the reference pads with 1
+    unique = torch.sort(torch.where(following == picks, candidates, picks), dim=1).values
+    taken = torch.arange(n_ref - 1, device=score.device) < (budget - 1)  # the first budget - 1 unique picks
+    unique = torch.where(taken & (unique < candidates), unique, candidates)
+    chosen = (unique.unsqueeze(2) == torch.arange(candidates, device=score.device)).any(dim=1)  # [B, T] score order
+    keep = torch.zeros_like(score).scatter(1, order, chosen.to(score.dtype))
+    return keep
+
+
+class ATS:
+    name = "ats"
+    proportional_attention = True  # log(size): 0 for every real token (ATS only prunes), -inf for padding
+    needs_class_token = True
+    data_dependent = True
+
+    def __init__(self, blocks: list[int], budget: float, depth: int, tokens: int):
+        bad = [b for b in blocks if not 0 <= b < depth]
+        if bad or not blocks:
+            raise EdgetokError(f"--ats-blocks {bad or blocks} must be block indices in 0..{depth - 1}, e.g. "
+                               f"{','.join(map(str, default_blocks(depth)))}")
+        if not budget > 0 or (budget > 1 and budget != int(budget)):
+            raise EdgetokError(f"--ats-budget {budget} must be a token count (an integer) or a fraction in (0, 1]")
+        if budget > tokens:
+            raise EdgetokError(f"--ats-budget {int(budget)} is larger than the model's {tokens} tokens; give at "
+                               f"most {tokens} (or a fraction such as 0.7)")
+        self.blocks, self.budget, self.tokens = sorted(set(blocks)), budget, tokens
+
+    def params(self, amounts: list[int]) -> dict:
+        return {"ats_blocks": self.blocks, "ats_budget": self.budget, "reference_tokens": self.tokens}
+
+    def plan_layer(self, layer: int, tokens: int, prefix: int) -> tuple[int, int]:
+        """(1 if the block samples, tokens left at most): the count after it depends on the image."""
+        return (1, tokens) if layer in self.blocks else (0, tokens)
+
+    def budget_for(self, rows: torch.Tensor) -> torch.Tensor:
+        """The reference's n_tokens rules on each image's token count ``rows`` [B, 1]: a fraction of it, else
+        the count; never more than the rows nor fewer than 8; rounded."""
+        n = rows.to(torch.float32)
+        budget = n * self.budget if self.budget <= 1 else torch.minimum(n, torch.tensor(float(self.budget)))
+        budget = torch.round(torch.clamp(budget, min=MIN_TOKENS))
+        return torch.minimum(budget, n).to(torch.int64)
+
+    def reduce(self, amount: int, taps: dict, x, size, prefix: int, class_token: bool):
+        """The sampling step of one block: (tokens, sizes) of the kept rows, padded to the batch maximum."""
+        if amount == 0:
+            return x, size
+        q, k, v, scale = taps["q"], taps["k"], taps["v"], taps["scale"]
+        logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1) + key_bias(size)  # [B, H, 1, N]
+        cls_attention = logits.softmax(dim=-1).sum(dim=1)[:, 0]  # summed over heads
+        value_norm = v.transpose(1, 2).flatten(2).norm(dim=-1)  # [B, N], over all heads
+        keep = self.keep(cls_attention, value_norm, size, prefix)
+        pruned, pruned_size, _ = token_prune(x, size, keep, prefix)
+        return pruned, pruned_size
+
+    def keep(self, cls_attention, value_norm, size, prefix: int):
+        """The keep mask [B, N] (1 for the prefix and the sampled tokens) from the class token's attention
+        summed over heads and the value norms, both [B, N]."""
+        score = (cls_attention * value_norm)[:, prefix:]
+        rows = (size[..., 0] > 0).sum(dim=1, keepdim=True)  # each image's own token count, padding aside
+        keep = sample(score, size[:, prefix:, 0] > 0, self.tokens, self.budget_for(rows))
+        return torch.cat([torch.ones_like(keep[:, :prefix]), keep], dim=1)

@@ -1,0 +1,138 @@
+"""ATS: the sampling equals a loop-by-loop reading of the reference code; a padded batch equals its images
+run one by one; the export (TokenPrune plugin nodes) equals PyTorch in ONNX Runtime on real images."""
+
+import numpy as np
+import pytest
+import torch
+from cli_assertions import assert_one_line_error, run_cli
+from reference_ats import ats_keep
+
+from edgetok.onnx.validate import ort_session
+from edgetok.vit.ats import ATS
+from edgetok.vit.export import ViTExportOptions, export_vit
+from edgetok.vit.loading import load_vit
+from edgetok.vit.reduction import make_method, reduce_vit
+
+
+@pytest.mark.parametrize("tokens,n_ref,budget", [(17, 17, 1.0), (65, 65, 1.0), (65, 65, 0.5), (65, 65, 20),
+                                                 (40, 65, 1.0), (12, 65, 5), (197, 197, 1.0), (120, 197, 0.7)])
+def test_sampling_equals_the_reference_loops(tokens, n_ref, budget):
+    rng = np.random.default_rng(tokens + n_ref)
+    method = ATS([0], budget, 1, n_ref)
+    for _ in range(5):
+        attention = rng.dirichlet(np.ones(tokens) * 0.3, size=3) * 6  # peaky, as class attention is
+        norms = rng.uniform(0.5, 2.0, (3, tokens))
+        keep = method.keep(torch.from_numpy(attention), torch.from_numpy(norms), torch.ones(3, tokens, 1), 1)
+        for b in range(3):
+            want = ats_keep(list(attention[b]), list(norms[b]), n_ref, budget)
+            assert torch.nonzero(keep[b]).flatten().tolist() == want
+
+
+def _digits_ats(budget=None):
+    vit = load_vit("edgetok_digits_vit")
+    reduce_vit(vit, make_method("ats", vit.depth, ats_budget=budget, tokens=vit.num_tokens))
+    return vit
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Held-out digit images, preprocessed as eval does."""
+    from edgetok.vit.digits import write_heldout_folder
+    from edgetok.vit.evaluate import image_folder
+
+    folder = write_heldout_folder(tmp_path_factory.mktemp("digits") / "heldout")["path"]
+    dataset = image_folder(folder, load_vit("edgetok_digits_vit").preprocessing)
+    return np.stack([dataset[i][0].numpy() for i in range(0, 40 * 13, 13)])  # 40 images across the classes
+
+
+@pytest.mark.parametrize("budget", [None, 0.6])
+def test_a_padded_batch_equals_its_images_one_by_one(budget, digits):
+    vit = _digits_ats(budget)
+    x = torch.from_numpy(digits[:8])
+    with torch.no_grad():
+        batched = vit.module(x)
+        kept = (vit.blocks[0]._edgetok_state.size[..., 0] > 0).sum(dim=1)
+        alone = torch.cat([vit.module(x[i:i + 1]) for i in range(len(x))])
+    assert len(set(kept.tolist())) > 1, "the kept count should vary across these images"
+    assert (batched - alone).abs().max() <= 1e-5
+
+
+def test_export_equals_pytorch_on_real_images(tmp_path, digits):
+    side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", output=str(tmp_path / "a.onnx")))
+    assert side["plugins"][0]["name"] == "TokenPrune" and side["plugins"][0]["nodes"] == len(side["reduction"]["ats_blocks"])
+    session = ort_session(side["path"])
+    vit = _digits_ats()
+    x = digits[8:20]
+    with torch.no_grad():
+        want = vit.module(torch.from_numpy(x)).numpy()
+    got = session.run(None, {"pixel_values": x})[0]
+    assert np.abs(got - want).max() <= 1e-4
+    one = np.concatenate([session.run(None, {"pixel_values": x[i:i + 1]})[0] for i in range(len(x))])
+    assert np.abs(one - want).max() <= 1e-4
+
+
+def test_bad_ats_options_are_one_line(capsys, tmp_path):
+    out = str(tmp_path / "x.onnx")
+    code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "ats", "--ats-budget", "100", "-o", out)
+    assert_one_line_error(code, err, "--ats-budget 100 is larger than the model's 65 tokens")
+    code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "ats", "--ats-blocks", "2,9", "-o", out)
+    assert_one_line_error(code, err, "--ats-blocks [9]", "0..5")
+    code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "tome", "--ats-budget", "0.5",
+                           "-o", out)
+    assert_one_line_error(code, err, "--ats-blocks/--ats-budget are ATS options")
+    assert not list(tmp_path.iterdir())
+
+
+def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_path, digits):
+    import json
+
+    onnx_path = str(tmp_path / "ats.onnx")
+    export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", output=onnx_path))
+    code, out, err = run_cli(capsys, "build-engine", onnx_path, "--backend", "tensorrt-rtx", "--batch", "1:4:8",
+                             "--target", "sm86", "-o", str(tmp_path / "ats.engine"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "ats.engine.build.json").read_text())
+    assert report["edgetok_plugins"]["plugins"][0]["name"] == "TokenPrune"
+    assert report["network_outputs"][0]["shape"] == [-1, 10]  # the logits stay static; token counts inside vary
+
+    from edgetok.vit.digits import write_heldout_folder
+
+    folder = write_heldout_folder(tmp_path / "heldout")["path"]
+    code, out, err = run_cli(capsys, "eval", onnx_path, "--data", folder, "--no-sidecar", "--json")
+    assert code == 0, err
+    kept = json.loads(out)["tokens_kept"]
+    assert sorted(kept) == ["1", "2", "3", "4", "5"]  # the ATS blocks
+    assert all(t["min"] < t["max"] <= 65 for t in kept.values())  # the count follows the image
+
+
+def test_engine_with_data_dependent_shapes_refuses_cuda_graphs(tmp_path):
+    import json
+
+    from edgetok.errors import EdgetokError
+    from edgetok.runtime.runners import TensorRTEngineRunner
+
+    engine = tmp_path / "a.engine"
+    engine.write_bytes(b"engine")
+    used = [{"name": "TokenPrune", "namespace": "edgetok", "version": "1", "nodes": 5}]
+    (tmp_path / "a.engine.build.json").write_text(json.dumps({"edgetok_plugins": {"plugins": used}}))
+    with pytest.raises(EdgetokError, match=r"data-dependent shapes \(TokenPrune: the token count follows the image\), "
+                                           r"which a CUDA graph cannot capture; use --no-cuda-graphs"):
+        TensorRTEngineRunner(str(engine), "tensorrt_rtx", 1, True, None)
+
+
+def test_profile_with_an_image_folder_records_tokens_kept(capsys, tmp_path):
+    import json
+
+    from edgetok.vit.digits import write_heldout_folder
+
+    onnx_path = str(tmp_path / "ats.onnx")
+    export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", ats_blocks=[4, 5], output=onnx_path))
+    folder = write_heldout_folder(tmp_path / "heldout")["path"]
+    code, out, err = run_cli(capsys, "profile", onnx_path, "--inputs", folder, "--batch", "6", "--duration", "0.05",
+                             "--iterations", "2", "--warmup", "0", "-o", str(tmp_path / "prof"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "prof" / "profile.json").read_text())["models"][0]
+    kept = report["tokens_kept"]
+    assert [k["block"] for k in kept] == [4, 5] and all(len(k["per_image"]) == 6 for k in kept)
+    assert "tokens kept after block 5:" in out
+    assert any("Python reference ops" in w for w in report["warnings"])
