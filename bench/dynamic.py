@@ -1,11 +1,11 @@
 """Data-dependent reduction on the reference model's held-out digits, batch 1, ONNX Runtime CPU: tokens kept
 per image, top-1, GMACs per image, and latency against dense and against ToMe at about the same mean GMACs.
 
-The data-dependent steps run as TokenPrune / TokenMerge plugin nodes, which ONNX Runtime executes as Python
+The data-dependent steps run as TokenPrune plugin nodes, which ONNX Runtime executes as Python
 reference ops (onnxruntime-extensions, through numpy): their latency here is a CORRECTNESS run, not the fused
-kernels' speed; it is printed labelled so. The kernels' speed needs a GPU (tools/device_plugins_check.sh).
+kernels' speed; it is printed labelled so. The kernels' speed needs a GPU (tools/device_plugins_check.sh); this script has no GPU mode yet.
 
-    .venv/bin/python bench/dynamic.py [--images 539] [--calibrate-images 200]
+    .venv/bin/python bench/dynamic.py [--images 539]
 """
 
 from __future__ import annotations

@@ -43,5 +43,9 @@ def ats_keep(cls_attention, value_norm, n_ref, budget):
             if abs(y - c) < best:  # the first nearest
                 best, at = abs(y - c), i
         picks.append(at - diff)
-    unique = sorted(set(picks))[: n_tokens - 1]  # ascending positions in score order
+    # repeats collapse as the reference's get_unique_indices does: sorted, an entry equal to the next one is
+    # dropped, and the last one is compared with 1 (so a last pick of 1 is dropped too)
+    picks = sorted(picks)
+    unique = [p for i, p in enumerate(picks) if p != (picks[i + 1] if i + 1 < len(picks) else 1)]
+    unique = sorted(unique)[-(n_tokens - 1):]  # a budget below the count keeps the best-scoring picks
     return [0] + sorted(order[p] + 1 for p in unique)

@@ -150,7 +150,8 @@ def dtome_merge(x, sizes, k, threshold: float, prefix: int, cap, stats: dict):
     ToMe's split and scores (see ``tome_merge``: A = even positions, B = odd, prefix tokens protected by
     the set they fall in), but instead of the r best edges, every A token whose best similarity is
     *above* ``threshold`` merges into its match; with a ``cap``, only the image's ``cap`` best-matching A
-    tokens may (ties: the first position). The surviving tokens keep their positions' order.
+    tokens may (ties: the first position). The survivors come out as DyMU's (and ToMe's) merge writes them:
+    prefix tokens, the unmerged A tokens, then the B tokens, each in position order.
     Returns (tokens, sizes, number merged).
     """
     metric = k.mean(dim=0)
@@ -184,7 +185,7 @@ def dtome_merge(x, sizes, k, threshold: float, prefix: int, cap, stats: dict):
         b = best[a][1]
         total[b] = total[b] + x[a] * sizes[a]
         weight[b] += sizes[a]
-    order = [i for i in range(n) if i not in merged]
+    order = list(range(min(prefix, n))) + [a for a in set_a if a not in merged] + set_b
     return torch.stack([total[i] / weight[i] for i in order]), [weight[i] for i in order], len(merged)
 
 

@@ -136,3 +136,47 @@ def test_profile_with_an_image_folder_records_tokens_kept(capsys, tmp_path):
     assert [k["block"] for k in kept] == [4, 5] and all(len(k["per_image"]) == 6 for k in kept)
     assert "tokens kept after block 5:" in out
     assert any("Python reference ops" in w for w in report["warnings"])
+
+
+def test_few_candidates_sample_alike_alone_and_padded():
+    """An image with two candidates left (where the reference's closing 1 matters) samples the same tokens in a
+    padded batch as alone; one with none left keeps its prefix, also at batch 1."""
+    method = ATS([0], 1.0, 1, 65)
+    attention = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    norms = torch.ones(2, 5, dtype=torch.float64)
+    size = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0] * 5], dtype=torch.float64)[..., None]
+    padded = method.keep(attention, norms, size, 1)
+    alone = method.keep(attention[:1, :3], norms[:1, :3], size[:1, :3], 1)
+    assert (padded[0, :3] * size[0, :3, 0]).tolist() == alone[0].tolist()
+    assert alone[0].tolist() == [1.0] + [float(j) for j in [i in ats_keep([0.5, 0.3, 0.2], [1.0] * 3, 65, 1.0)
+                                                        for i in (1, 2)]]
+    only_prefix = method.keep(torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1, 1), 1)
+    assert only_prefix.tolist() == [[1.0]]
+
+
+def test_scores_come_from_the_blocks_own_attention_and_values(monkeypatch):
+    """The class attention and value norms ATS scores with are the block's own, recomputed here from its
+    weights by hand (a wrong tap, e.g. keys for values, would change them)."""
+    vit = _digits_ats()
+    seen, inputs = {}, {}
+    keep = ATS.keep
+
+    def spy(self, cls_attention, value_norm, size, prefix):
+        seen.setdefault("args", (cls_attention, value_norm))
+        return keep(self, cls_attention, value_norm, size, prefix)
+
+    monkeypatch.setattr(ATS, "keep", spy)
+    block = vit.blocks[1]  # the first ATS block (blocks 1..5 by default)
+    block.register_forward_pre_hook(lambda module, args: inputs.setdefault("x", args[0]))
+    with torch.no_grad():
+        vit.module(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        attn = block.attn
+        qkv = torch.nn.functional.linear(block.norm1(inputs["x"]), attn.qkv.weight, attn.qkv.bias)
+        heads, dim = attn.num_heads, attn.head_dim
+        q, k, v = qkv.view(2, -1, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        probs = ((q @ k.transpose(-2, -1)) * dim ** -0.5).softmax(dim=-1)  # no padding yet: sizes all 1
+        want_attention = probs[:, :, 0, :].sum(dim=1)
+        want_norm = v.transpose(1, 2).reshape(2, -1, heads * dim).norm(dim=-1)
+    got_attention, got_norm = seen["args"]
+    assert torch.allclose(got_attention, want_attention, atol=1e-5)
+    assert torch.allclose(got_norm, want_norm, atol=1e-5)

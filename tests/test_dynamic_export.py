@@ -89,3 +89,31 @@ def test_digits_recipes_keep_accuracy_with_fewer_tokens(capsys, tmp_path, folder
     assert result["top1"] >= 0.9759 - 0.02
     last = result["tokens_kept"][max(result["tokens_kept"], key=int)]
     assert last["mean"] < 65 and last["min"] < last["max"]
+
+
+@pytest.mark.parametrize("pool", [dict(global_pool="avg"), dict(global_pool="map"),
+                                  dict(global_pool="avg", class_token=False)], ids=["avg", "attention", "avg_no_cls"])
+def test_pooling_skips_padding(pool, tmp_path):
+    """Average and attention pooling of a padded batch equal each image alone, in PyTorch and in ONNX Runtime."""
+    import timm
+
+    from edgetok.vit.loading import from_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", img_size=64, depth=3, embed_dim=64, num_heads=4,
+                              num_classes=10, **pool).eval()
+    vit = from_timm(model, "small")
+    reduce_vit(vit, make_method("dtome", vit.depth, r=2, thresholds=[0.5, 0.5, None]))
+    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batched = vit.module(x)
+        counts = (vit.blocks[0]._edgetok_state.size[..., 0] > 0).sum(dim=1)
+        alone = torch.cat([vit.module(x[i:i + 1]) for i in range(len(x))])
+    assert len(set(counts.tolist())) > 1
+    assert (batched - alone).abs().max() <= 1e-5
+    from edgetok.onnx.export import export_module
+
+    path = tmp_path / "p.onnx"
+    export_module(vit.module, x[:2], path, "pixel_values", ["logits"])
+    got = ort_session(str(path)).run(None, {"pixel_values": x.numpy()})[0]
+    assert np.abs(got - batched.numpy()).max() <= 1e-4

@@ -94,7 +94,7 @@ def image_inputs(folder: str, model: str, specs: dict, batch: int) -> tuple[dict
 
     if len(specs) != 1:
         raise EdgetokError(f"--inputs {folder}: an image folder feeds a one-input model; {model} has {len(specs)} inputs")
-    dataset = image_folder(folder, export_record(model)["preprocessing"])
+    dataset = image_folder(folder, export_record(model)["preprocessing"], "--inputs")
     if len(dataset) < batch:
         raise EdgetokError(f"--inputs {folder} has {len(dataset)} images, fewer than --batch {batch}")
     images = np.stack([dataset[i][0].numpy() for i in range(batch)])

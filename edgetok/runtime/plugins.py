@@ -36,7 +36,7 @@ def token_count_outputs(path: str | Path) -> dict[int, str]:
     for i, node in enumerate(n for n in model.graph.node if n.domain == NAMESPACE):
         spec = node_spec(node)
         if any(t.size_tensor for t in spec.outputs):
-            block = re.search(r"blocks\.(\d+)", node.name)
+            block = re.search(r"(?:blocks|layer)\.(\d+)", node.name)  # timm blocks.N, Hugging Face layer.N
             found[int(block.group(1)) if block else i] = node.output[1]
     return found
 

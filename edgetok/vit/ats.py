@@ -4,7 +4,7 @@ At each ATS block, after attention: each non-prefix token's score is the class t
 summed over heads, times the norm of its value vector (all heads), normalised to sum 1. The scores are
 sorted ascending and their CDF min-max normalised; ``n_ref - 1`` evenly spaced targets from the smallest
 non-zero CDF value to 1 each pick the token whose CDF is nearest (the first on ties); repeated picks
-collapse; the first ``budget - 1`` unique picks (in ascending score order) are kept with the prefix tokens.
+collapse; the best-scoring ``budget - 1`` unique picks are kept with the prefix tokens.
 So the kept count follows the image. Only the kept rows go on to the MLP; padding rows of a batch have
 size 0, so later blocks (proportional attention) and pooling ignore them.
 
@@ -53,10 +53,17 @@ def sample(score: torch.Tensor, real: torch.Tensor, n_ref: int, budget: torch.Te
     picks = (ys.unsqueeze(2) - cdf.unsqueeze(1)).abs().argmin(dim=2)  # [B, n_ref - 1] positions in score order
     candidates = dynamic_size(score, 1)
     picks = torch.sort(picks, dim=1).values
-    following = torch.cat([picks[:, 1:], torch.ones_like(picks[:, :1])], dim=1)  # the reference pads with 1
+    # The reference closes the list with 1 (a last pick of 1 then counts as a repeat); with padding sorted
+    # first, an image's position 1 is its padding count + 1.
+    one = (~real).sum(dim=1, keepdim=True) + 1
+    following = torch.cat([picks[:, 1:], one], dim=1)
     unique = torch.sort(torch.where(following == picks, candidates, picks), dim=1).values
-    taken = torch.arange(n_ref - 1, device=score.device) < (budget - 1)  # the first budget - 1 unique picks
-    unique = torch.where(taken & (unique < candidates), unique, candidates)
+    # A budget below the count keeps the best-scoring budget - 1 of the unique picks (the reference's own
+    # code runs only with the budget at the count, where this keeps them all).
+    found = (unique < candidates).sum(dim=1, keepdim=True)
+    slot = torch.arange(n_ref - 1, device=score.device)
+    taken = (slot < found) & (slot >= found - (budget - 1))
+    unique = torch.where(taken, unique, candidates)
     chosen = (unique.unsqueeze(2) == torch.arange(candidates, device=score.device)).any(dim=1)  # [B, T] score order
     keep = torch.zeros_like(score).scatter(1, order, chosen.to(score.dtype))
     return keep
@@ -111,6 +118,8 @@ class ATS:
         """The keep mask [B, N] (1 for the prefix and the sampled tokens) from the class token's attention
         summed over heads and the value norms, both [B, N]."""
         score = (cls_attention * value_norm)[:, prefix:]
+        if score.shape[1] == 0 and not torch.onnx.is_in_onnx_export():  # nothing left but the prefix
+            return torch.ones_like(cls_attention)
         rows = (size[..., 0] > 0).sum(dim=1, keepdim=True)  # each image's own token count, padding aside
         keep = sample(score, size[:, prefix:, 0] > 0, self.tokens, self.budget_for(rows))
         return torch.cat([torch.ones_like(keep[:, :prefix]), keep], dim=1)

@@ -8,8 +8,9 @@ optionally only among each image's ``cap`` best-matching A tokens (the reference
 ``max_r_per_instance``). Size-weighted merging and proportional attention (``+ log(size)``) as ToMe.
 So the number of tokens merged depends on the image.
 
-A batch keeps the batch maximum: each image's surviving tokens come first, in their original order
-(prefix tokens first), and the rest of its rows are padding (x = 0, size = 0; ``TokenTransform`` with
+A batch keeps the batch maximum: each image's surviving tokens come first, as the reference's merge writes
+them (prefix tokens, the unmerged A tokens, then the B tokens, which decides the next block's A/B split), and
+the rest of its rows are padding (x = 0, size = 0; ``TokenTransform`` with
 ``pad=True``). Padding never merges nor receives a merge in later blocks; proportional attention's
 ``log(0) = -inf`` hides it from every query; with class-token pooling its outputs are never read.
 
@@ -189,7 +190,8 @@ class DToMe:
         weight = total[..., channels:]
         merged_x = total[..., :channels] / weight.clamp_min(torch.finfo(x.dtype).tiny)  # padding: 0 / tiny = 0
         keep = 1.0 - sources.amax(dim=1)  # every row but the merged A tokens
-        pruned, pruned_size, _ = token_prune(merged_x, weight, keep, prefix)
+        order = _merge_order(x, prefix, matching)  # DyMU's (and ToMe's) output order: prefix, A, B
+        pruned, pruned_size, _ = token_prune(merged_x[:, order], weight[:, order], keep[:, order], prefix)
         if not torch.onnx.is_in_onnx_export():
             self.merges[layer] = merged.sum(dim=1).to(torch.int64)
             self.tokens[layer] = (pruned_size[..., 0] > 0).sum(dim=1)
@@ -224,17 +226,20 @@ class DToMe:
 
     def _build(self, layer: int, merged, matching: Matching, valid) -> TokenTransform:
         """The TokenTransform of merging A tokens ``merged`` [B, n_a] into their matches: each image's
-        survivors in order, then padding (index N: the zero row)."""
+        survivors as the merge writes them (prefix, unmerged A, B), then padding (index N: the zero row)."""
         n, device = valid.shape[1], valid.device
         merged_rows = torch.zeros_like(valid)
         merged_rows[:, matching.a_start :: 2] = merged
         survive = valid & ~merged_rows
         counts = survive.sum(dim=1)
         width = int(counts.max())
-        order = torch.sort((~survive).to(torch.int8), dim=1, stable=True).indices[:, :width]  # survivors first
+        written = _merge_order(valid, min(matching.a_start, matching.b_start), matching)  # that minimum is the prefix
+        first = torch.sort((~survive[:, written]).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        order = written[first]  # survivors first, in the order the merge writes them
         real = torch.arange(width, device=device) < counts[:, None]
         keep = torch.where(real, order, n)
-        out_row = survive.cumsum(dim=1) - 1  # output row of each survivor
+        out_row = torch.empty(valid.shape, dtype=torch.int64, device=device)
+        out_row[:, written] = survive[:, written].cumsum(dim=1) - 1  # output row of each survivor
         n_merged = merged.sum(dim=1)
         most = int(n_merged.max()) if merged.numel() else 0
         src = dst = None
@@ -258,6 +263,16 @@ class DToMe:
         samples, self._samples = self._samples or [[] for _ in self.r], None
         self.thresholds = [sum(s) / len(s) if s else INF for s in samples]
         return self.thresholds
+
+
+def _merge_order(x: torch.Tensor, prefix: int, matching: Matching) -> torch.Tensor:
+    """Row positions in the order a merge writes them: prefix tokens, set A, set B (each in position order),
+    as the reference's ``x_new[:n_a] = src; x_new[n_a:] = dst`` does; the next block splits A/B on that."""
+    from edgetok.vit.dynamic import dynamic_size
+
+    rows = dynamic_size(x, 1)
+    return torch.cat([torch.arange(prefix, device=x.device), torch.arange(matching.a_start, rows, 2, device=x.device),
+                      torch.arange(matching.b_start, rows, 2, device=x.device)])
 
 
 def _rank(best: torch.Tensor) -> torch.Tensor:
@@ -321,9 +336,9 @@ def calibrate(vit, method: DToMe, images: str, batch: int = 32, measure: bool = 
         raise EdgetokError(f"--batch {batch} must be >= 1")
     if not any(r > 0 for r in method.r):
         raise EdgetokError("dtome calibration needs r > 0 in some block: give --r N (mean tokens merged per block)")
-    dataset = image_folder(images, vit.preprocessing)
+    dataset = image_folder(images, vit.preprocessing, "--calibrate")
     if len(dataset) == 0:
-        raise EdgetokError(f"--data {images} has class folders but no images")
+        raise EdgetokError(f"--calibrate {images} has class folders but no images")
     dtype = next(vit.module.parameters()).dtype
     thresholds = calibrate_batches(vit, method, lambda: _image_batches(dataset, batch, dtype), measure)
     method.calibration = {"images": str(Path(images).resolve()), "samples": len(dataset), "batch": batch,

@@ -31,17 +31,18 @@ def export_record(model: str) -> dict:
     raise EdgetokError(f"{model} is not an exported file; timm names get their data config from timm")
 
 
-def image_folder(root: str, data_config: dict):
-    """torchvision's ImageFolder with timm's eval transform; clear errors for the usual mistakes."""
+def image_folder(root: str, data_config: dict, option: str = "--data"):
+    """torchvision's ImageFolder with timm's eval transform; clear errors (naming ``option``) for the usual
+    mistakes."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
     path = Path(root)
     if not path.is_dir():
-        raise EdgetokError(f"--data {root} is not a folder; give an ImageFolder (one subfolder per class)")
+        raise EdgetokError(f"{option} {root} is not a folder; give an ImageFolder (one subfolder per class)")
     if not any(p.is_dir() for p in path.iterdir()):
         what = "is empty" if not any(path.iterdir()) else "has no class subfolders"
-        raise EdgetokError(f"--data {root} {what}; give an ImageFolder: {root}/<class>/<image>.png")
+        raise EdgetokError(f"{option} {root} {what}; give an ImageFolder: {root}/<class>/<image>.png")
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
            if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
     if "image_mean" in data_config:  # Hugging Face processor naming
@@ -49,7 +50,7 @@ def image_folder(root: str, data_config: dict):
     try:
         dataset = ImageFolder(str(path), transform=create_transform(**cfg, is_training=False))
     except FileNotFoundError as exc:
-        raise EdgetokError(f"--data {root}: {exc}") from None
+        raise EdgetokError(f"{option} {root}: {exc}") from None
     return dataset
 
 

@@ -110,11 +110,12 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
         raise EdgetokError("--calibrate is a dtome option (its thresholds are calibrated on the folder); use --method dtome")
     if opts.method == "dtome" and opts.calibrate is None:
         raise EdgetokError("--method dtome needs --calibrate DIR: an image folder (one subfolder per class) on which "
-                           "its per-block thresholds are calibrated, e.g. edgetok-out/digits-heldout from `edgetok data digits`")
+                           "its per-block thresholds are calibrated (not the images you evaluate on), e.g. edgetok-out/digits-train from "
+                           "`edgetok data digits --split train`")
     method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
                          opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap)
     dense = plan(vit, None)
-    if opts.plugins and method is not None and not hasattr(method, "plugin_step"):
+    if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
     reduced = reduce_vit(vit, method, plugins=opts.plugins)
     if opts.method == "dtome":

@@ -40,6 +40,8 @@ def make_method(
 ):
     """The method object for ``name`` (None for ``none``), from CLI/recipe parameters; ``tokens`` is the
     model's token count (ATS samples from it)."""
+    if (thresholds is not None or cap is not None) and name != "dtome":
+        raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
     ats_given = ats_blocks is not None or ats_budget is not None
     if ats_given and name != "ats":
         raise EdgetokError("--ats-blocks/--ats-budget are ATS options; they need --method ats")
@@ -63,8 +65,6 @@ def make_method(
         if keep_rate is None:
             raise EdgetokError("--method evit needs --keep-rate F in (0, 1], e.g. 0.7")
         return EViT(keep_rate, default_keep_layers(depth) if keep_layers is None else keep_layers, depth)
-    if (thresholds is not None or cap is not None) and name != "dtome":
-        raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
     if name == "dtome":
         if keep_rate is not None or keep_layers is not None:
             raise EdgetokError("--method dtome takes --r (or --r-schedule), --calibrate and --cap, not --keep-rate")
