@@ -3,9 +3,10 @@ per image, top-1, GMACs per image, and latency against dense and against ToMe at
 
 The data-dependent steps run as TokenPrune plugin nodes, which ONNX Runtime executes as Python
 reference ops (onnxruntime-extensions, through numpy): their latency here is a CORRECTNESS run, not the fused
-kernels' speed; it is printed labelled so. The kernels' speed needs a GPU (tools/device_plugins_check.sh); this script has no GPU mode yet.
+kernels' speed; it is printed labelled so. The kernels' speed needs a GPU: `--torch cuda` runs the same models in PyTorch, where the prune is the TokenPrune
+Triton kernels (tools/device_plugins_check.sh runs it); `--torch cpu` is that path on the CPU (eager ops).
 
-    .venv/bin/python bench/dynamic.py [--images 539]
+    .venv/bin/python bench/dynamic.py [--images 539] [--torch cpu|cuda]
 """
 
 from __future__ import annotations
@@ -40,9 +41,40 @@ def per_image_gmacs(vit, kept: dict[int, list[int]], images: int) -> list[float]
     return out
 
 
+class TorchModel:
+    """An export's patched PyTorch model (re-created from its sidecar, as `profile --backend torch` does), on
+    ``device``: on a GPU its prune runs as the TokenPrune Triton kernels. Times with CUDA events there."""
+
+    def __init__(self, onnx_path: str, device: str):
+        import torch
+
+        from edgetok.runtime.runners import TorchRunner
+
+        self.torch, self.device = torch, device
+        self.module = TorchRunner(onnx_path, device, 1, False).module
+        self.state = next((b._edgetok_state for b in self.module.modules() if hasattr(b, "_edgetok_layer")), None)
+        self.tokens_kept = None
+        if self.state is not None and getattr(self.state.method, "data_dependent", False):
+            self.tokens_kept = {}
+            for block in (b for b in self.module.modules() if hasattr(b, "_edgetok_layer")):
+                layer = block._edgetok_layer
+                if self.state.amounts[layer]:  # tokens each image keeps after this block
+                    block.register_forward_hook(lambda m, a, o, layer=layer: self.tokens_kept.setdefault(layer, []).extend(
+                        (self.state.size[..., 0] > 0).sum(dim=1).tolist()))
+
+    def __call__(self, images):
+        torch = self.torch
+        with torch.no_grad():
+            logits = self.module(torch.from_numpy(images).to(self.device))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return logits.cpu().numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=539)
+    parser.add_argument("--torch", choices=["cpu", "cuda"], help="time the patched PyTorch models instead of ONNX Runtime")
     args = parser.parse_args()
     vit = load_vit(MODEL)
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +91,7 @@ def main() -> None:
         for name, opts in variants.items():
             out = Path(tmp) / f"{len(predictors)}.onnx"
             side = export_vit(ViTExportOptions(model=MODEL, output=str(out), **opts))
-            predictors[name] = Predictor(str(out), 1)
+            predictors[name] = Predictor(str(out), 1) if not args.torch else TorchModel(str(out), args.torch)
             gmacs[name] = side["flops"]["reduced_gmacs"]
         times = {name: [] for name in predictors}
         correct = {name: 0 for name in predictors}
@@ -80,12 +112,13 @@ def main() -> None:
                   + ", ".join(f"{k}: {v}" for k, v in enumerate(hist) if v))
             print(f"{name}: GMACs per image mean {np.mean(per_image):.4f} [{min(per_image):.4f}-{max(per_image):.4f}]")
         dense_ms = statistics.median(times["dense"]) * 1e3
-        print(f"{MODEL}, {count} held-out digits, batch 1, ONNX Runtime CPU, interleaved, medians")
+        where = f"PyTorch {args.torch}" if args.torch else "ONNX Runtime CPU"
+        print(f"{MODEL}, {count} held-out digits, batch 1, {where}, interleaved, medians")
         print("| model | top-1 | mean GMACs | median ms | vs dense | note |")
         print("|---|---|---|---|---|---|")
         for name in predictors:
             ms = statistics.median(times[name]) * 1e3
-            note = "CORRECTNESS run: plugin nodes as Python ops" if name in dynamic else ""
+            note = "CORRECTNESS run: plugin nodes as Python ops" if name in dynamic and not args.torch else ""
             print(f"| {name} | {correct[name] / count:.2%} | {gmacs[name]:.4f} | {ms:.2f} | {dense_ms / ms:.2f}x | {note} |")
         for name in dynamic:
             closest = min((n for n in predictors if n.startswith("tome")), key=lambda n: abs(gmacs[n] - gmacs[name]))

@@ -2,7 +2,8 @@
 # GPU check of the plugin kernels on a lent CUDA machine (no TensorRT there): every kernel against its
 # reference for real, then bench/plugins_cuda.py (TokenMerge vs the standard-op step at batch 1/8/64, its
 # fraction of copy bandwidth, the AOT cubins through cuda-python, DeiT-S ToMe r=13 end to end with and
-# without the kernels). Run from the repository root; writes the log under $OUT.
+# without the kernels; ATS and dtome on the reference model with the TokenPrune kernels). Run from the
+# repository root; writes the log under $OUT.
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 out=${OUT:-/tmp/edgetok-device}
@@ -12,4 +13,5 @@ mkdir -p "$out"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -m edgetok plugins check --device cuda
   python3 bench/plugins_cuda.py --batch 1 8 64
+  python3 bench/dynamic.py --torch cuda  # ATS/dtome with the TokenPrune kernels vs dense and ToMe, batch 1
 } 2>&1 | tee "$out/plugins_check.log"
