@@ -3,8 +3,9 @@ per image, top-1, GMACs per image, and latency against dense and against ToMe at
 
 The data-dependent steps run as TokenPrune plugin nodes, which ONNX Runtime executes as Python
 reference ops (onnxruntime-extensions, through numpy): their latency here is a CORRECTNESS run, not the fused
-kernels' speed; it is printed labelled so. The kernels' speed needs a GPU: `--torch cuda` runs the same models in PyTorch, where the prune is the TokenPrune
-Triton kernels (tools/device_plugins_check.sh runs it); `--torch cpu` is that path on the CPU (eager ops).
+kernels' speed; it is printed labelled so. The kernels' speed needs a GPU: `--torch cuda` runs the same
+models in PyTorch, where the prune is the TokenPrune Triton kernels (tools/device_plugins_check.sh runs it);
+`--torch cpu` is that path on the CPU (eager ops).
 
     .venv/bin/python bench/dynamic.py [--images 539] [--torch cpu|cuda]
 """
