@@ -33,13 +33,14 @@ def ort_session(path: str, threads: int = 0, extra_outputs: tuple[str, ...] = ()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     from edgetok.runtime.plugins import prepare_ort
 
-    prepare_ort(options, path)  # graphs with edgetok plugin nodes run their references
-    if extra_outputs:
+    if extra_outputs:  # the model is loaded once, both to check its nodes and to add the outputs
         import onnx
 
         model = onnx.load(path)
+        prepare_ort(options, path, model)  # graphs with edgetok plugin nodes run their references
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra_outputs)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    prepare_ort(options, path)
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

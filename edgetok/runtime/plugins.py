@@ -10,13 +10,15 @@ from pathlib import Path
 from edgetok.errors import EdgetokError
 
 
-def onnx_needs_plugins(path: str | Path) -> list[dict]:
-    """The edgetok plugins an ONNX file uses ([] for none); unknown ops or versions raise one line."""
+def onnx_needs_plugins(model) -> list[dict]:
+    """The edgetok plugins an ONNX model (a path, or a model already loaded) uses ([] for none); unknown ops
+    or versions raise one line."""
     import onnx
 
     from edgetok.plugins.spec import NAMESPACE, uses
 
-    model = onnx.load(str(path), load_external_data=False)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
     if not any(n.domain == NAMESPACE for n in model.graph.node):
         return []
     return uses(model)
@@ -41,9 +43,10 @@ def token_count_outputs(path: str | Path) -> dict[int, str]:
     return found
 
 
-def prepare_ort(options, path: str | Path) -> list[dict]:
-    """Register the edgetok ONNX Runtime ops on ``options`` if the graph at ``path`` has edgetok nodes."""
-    needed = onnx_needs_plugins(path)
+def prepare_ort(options, path: str | Path, model=None) -> list[dict]:
+    """Register the edgetok ONNX Runtime ops on ``options`` if the graph at ``path`` (``model``, when the
+    caller has it loaded already) has edgetok nodes."""
+    needed = onnx_needs_plugins(path if model is None else model)
     if needed:
         try:
             from edgetok.plugins import ort_ops
