@@ -22,6 +22,9 @@ EXPORTS = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)  # fixed random weights: the fp16 builds' cosine check must not depend on the draw
     root = tmp_path_factory.mktemp("onnx")
     return {name: export_vit(ViTExportOptions(model="deit_tiny_patch16_224", output=str(root / f"{name}.onnx"),
                                               **opts))["path"]
@@ -129,6 +132,11 @@ def test_bad_input(capsys, tmp_path, exported, case):
 
 
 def test_recipe_exports_then_builds(capsys, tmp_path, monkeypatch):
+    # Fixed random weights: with fresh ones every run, the fp16 check (cosine >= 0.999) failed once in ~10 CI
+    # runs on an unlucky draw (0.9957), a flake rather than a finding.
+    import torch
+
+    torch.manual_seed(0)
     monkeypatch.chdir(tmp_path)
     Path("r.yaml").write_text(
         "export:\n  model: deit_tiny_patch16_224\n  method: tome\n  r: 8\n  img_size: 96\n  output: out/t.onnx\n"

@@ -61,8 +61,11 @@ def sm86_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit_onnx(tmp_path_factory):
+    import torch
+
     from edgetok.vit.export import ViTExportOptions, export_vit
 
+    torch.manual_seed(0)  # fixed random weights: the fp16 build's cosine check must not depend on the draw
     out = tmp_path_factory.mktemp("vit") / "tome.onnx"
     return Path(export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=64, method="tome", r=4,
                                             plugins=True, output=str(out)))["path"])
