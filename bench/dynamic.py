@@ -85,7 +85,7 @@ def main() -> None:
         images = [dataset[i][0].numpy()[None] for i in range(count)]
         labels = np.array([dataset[i][1] for i in range(count)])
         train = write_heldout_folder(Path(tmp) / "train", "train")["path"]  # dtome calibrates on the training split
-        variants = {"dense": dict(method="none"), "ats (recipe digits_ats)": dict(method="ats", ats_blocks=[4, 5]),
+        variants = {"dense": dict(method="none"), "ats (defaults: blocks 4-5)": dict(method="ats"),
                     "dtome r=8 (recipe digits_dtome)": dict(method="dtome", r=8, calibrate=train)}
         variants.update({f"tome r={r}": dict(method="tome", r=r) for r in (2, 4, 6, 8)})
         predictors, gmacs = {}, {}

@@ -65,7 +65,7 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--r-schedule", help="ToMe: '(r, inflect)' e.g. '(16, -1)' (decreasing), or a per-block list '16,16,8'.")
 @click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1].")
 @click.option("--keep-layers", help="EViT: 0-based blocks that prune, e.g. 3,6,9 (default: depth/4, depth/2, 3depth/4).")
-@click.option("--ats-blocks", help="ATS: 0-based blocks that sample, e.g. 3,4,...,11 (default: depth/4 to the last).")
+@click.option("--ats-blocks", help="ATS: 0-based blocks that sample, e.g. 3,4,...,11 (default: the model's own, else depth/4 to the last).")
 @click.option("--ats-budget", type=float, help="ATS: tokens kept at most (with the class token), or a fraction (default 1.0).")
 @click.option("--calibrate", type=click.Path(), help="dtome: image folder its per-block thresholds are calibrated on.")
 @click.option("--cap", type=int, help="dtome: at most this many merges per image and block.")

@@ -28,9 +28,12 @@ def test_sampling_equals_the_reference_loops(tokens, n_ref, budget):
             assert torch.nonzero(keep[b]).flatten().tolist() == want
 
 
+EVERY_BLOCK = [1, 2, 3, 4, 5]  # the reference's config scaled to 6 blocks: the most sampling, the hardest case
+
+
 def _digits_ats(budget=None):
     vit = load_vit("edgetok_digits_vit")
-    reduce_vit(vit, make_method("ats", vit.depth, ats_budget=budget, tokens=vit.num_tokens))
+    reduce_vit(vit, make_method("ats", vit.depth, ats_blocks=EVERY_BLOCK, ats_budget=budget, tokens=vit.num_tokens))
     return vit
 
 
@@ -58,7 +61,8 @@ def test_a_padded_batch_equals_its_images_one_by_one(budget, digits):
 
 
 def test_export_equals_pytorch_on_real_images(tmp_path, digits):
-    side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", output=str(tmp_path / "a.onnx")))
+    side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", ats_blocks=EVERY_BLOCK,
+                                       output=str(tmp_path / "a.onnx")))
     assert side["plugins"][0]["name"] == "TokenPrune" and side["plugins"][0]["nodes"] == len(side["reduction"]["ats_blocks"])
     session = ort_session(side["path"])
     vit = _digits_ats()
@@ -101,7 +105,7 @@ def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_
     code, out, err = run_cli(capsys, "eval", onnx_path, "--data", folder, "--no-sidecar", "--json")
     assert code == 0, err
     kept = json.loads(out)["tokens_kept"]
-    assert sorted(kept) == ["1", "2", "3", "4", "5"]  # the ATS blocks
+    assert sorted(kept) == ["4", "5"]  # the reference model's own default blocks
     assert all(t["min"] < t["max"] <= 65 for t in kept.values())  # the count follows the image
 
 
@@ -180,3 +184,19 @@ def test_scores_come_from_the_blocks_own_attention_and_values(monkeypatch):
     got_attention, got_norm = seen["args"]
     assert torch.allclose(got_attention, want_attention, atol=1e-5)
     assert torch.allclose(got_norm, want_norm, atol=1e-5)
+
+
+def test_default_blocks_come_from_the_model_else_the_reference_config_scaled():
+    """The reference model declares where ATS samples (chosen on its training split, bench/ats_blocks.py); other
+    models get the reference's DeiT-S config (blocks 3..11 of 12) scaled to their depth; --ats-blocks wins."""
+    from edgetok.vit.loading import load_vit
+    from edgetok.vit.reduction import make_method, plan
+
+    digits = load_vit("edgetok_digits_vit")
+    assert digits.method_defaults == {"ats_blocks": [4, 5]}
+    params = plan(digits, make_method("ats", 6, tokens=65, defaults=digits.method_defaults)).params
+    assert (params["ats_blocks"], params["ats_blocks_from"]) == ([4, 5], "the model's own default")
+    assert make_method("ats", 12, tokens=197).blocks == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert make_method("ats", 6, tokens=65).blocks == [1, 2, 3, 4, 5]
+    given = make_method("ats", 6, ats_blocks=[2], tokens=65, defaults=digits.method_defaults)
+    assert (given.blocks, given.source) == ([2], "--ats-blocks")

@@ -75,7 +75,7 @@ class ATS:
     needs_class_token = True
     data_dependent = True
 
-    def __init__(self, blocks: list[int], budget: float, depth: int, tokens: int):
+    def __init__(self, blocks: list[int], budget: float, depth: int, tokens: int, source: str = "--ats-blocks"):
         bad = [b for b in blocks if not 0 <= b < depth]
         if bad or not blocks:
             raise EdgetokError(f"--ats-blocks {bad or blocks} must be block indices in 0..{depth - 1}, e.g. "
@@ -85,10 +85,11 @@ class ATS:
         if budget > tokens:
             raise EdgetokError(f"--ats-budget {int(budget)} is larger than the model's {tokens} tokens; give at "
                                f"most {tokens} (or a fraction such as 0.7)")
-        self.blocks, self.budget, self.tokens = sorted(set(blocks)), budget, tokens
+        self.blocks, self.budget, self.tokens, self.source = sorted(set(blocks)), budget, tokens, source
 
     def params(self, amounts: list[int]) -> dict:
-        return {"ats_blocks": self.blocks, "ats_budget": self.budget, "reference_tokens": self.tokens}
+        return {"ats_blocks": self.blocks, "ats_blocks_from": self.source, "ats_budget": self.budget,
+                "reference_tokens": self.tokens}
 
     def plan_layer(self, layer: int, tokens: int, prefix: int) -> tuple[int, int]:
         """(1 if the block samples, tokens left at most): the count after it depends on the image."""

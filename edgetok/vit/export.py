@@ -113,7 +113,8 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                            "its per-block thresholds are calibrated (not the images you evaluate on), e.g. edgetok-out/digits-train from "
                            "`edgetok data digits --split train`")
     method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
-                         opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap)
+                         opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap,
+                         defaults=vit.method_defaults)
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
@@ -225,6 +226,7 @@ def summary(data: dict) -> str:
         f"  head       {data['model'].get('head') or ', '.join(o['name'] for o in data['onnx']['outputs'])}",
         *([f"  method     {red['method']}  tokens follow the image (at most {red['tokens_per_layer'][0][0]}): "
            "edgetok eval reports the tokens kept per block",
+           *([f"  blocks     {','.join(map(str, red['ats_blocks']))} ({red['ats_blocks_from']})"] if "ats_blocks" in red else []),
            f"  GMACs      {fl['dense_gmacs']:.3f} dense; reduced: per image"] if red.get("data_dependent") else [
             f"  method     {red['method']}  tokens {red['tokens_per_layer'][0][0]} -> {tokens[-1]} "
             f"(per block: {','.join(map(str, tokens))})",

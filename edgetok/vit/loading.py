@@ -42,6 +42,7 @@ class LoadedViT:
     preprocessing: dict = field(default_factory=dict)
     class_token: bool = True  # position 0 is a class token (ToMe keeps unmerged tokens in order then)
     head: str = ""  # what the outputs are, and why that head was chosen
+    method_defaults: dict = field(default_factory=dict)  # a model's own defaults for a method's options
 
     @property
     def depth(self) -> int:
@@ -144,6 +145,7 @@ def from_timm(model: nn.Module, name: str, weights: str = "random") -> LoadedViT
         class_token=getattr(model, "cls_token", None) is not None,
         head=(f"classifier: {model.num_classes} classes" if model.num_classes
               else "features: pooled embedding (num_classes=0, no class logits)"),
+        method_defaults=dict((getattr(model, "pretrained_cfg", None) or {}).get("edgetok_defaults") or {}),
     )
 
 

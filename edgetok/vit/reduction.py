@@ -37,9 +37,10 @@ def make_method(
     tokens: int | None = None,
     thresholds: list | None = None,
     cap: int | None = None,
+    defaults: dict | None = None,
 ):
     """The method object for ``name`` (None for ``none``), from CLI/recipe parameters; ``tokens`` is the
-    model's token count (ATS samples from it)."""
+    model's token count (ATS samples from it); ``defaults`` the model's own defaults for options not given."""
     if (thresholds is not None or cap is not None) and name != "dtome":
         raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
     ats_given = ats_blocks is not None or ats_budget is not None
@@ -77,8 +78,11 @@ def make_method(
             raise EdgetokError("--method ats takes --ats-blocks and --ats-budget (not --r/--keep-rate)")
         from edgetok.vit.ats import ATS, default_blocks
 
-        return ATS(default_blocks(depth) if ats_blocks is None else ats_blocks,
-                   1.0 if ats_budget is None else ats_budget, depth, tokens or 0)
+        own = (defaults or {}).get("ats_blocks")
+        blocks, source = ((ats_blocks, "--ats-blocks") if ats_blocks is not None else
+                          (list(own), "the model's own default") if own is not None else
+                          (default_blocks(depth), "the reference's DeiT-S config scaled to depth"))
+        return ATS(blocks, 1.0 if ats_budget is None else ats_budget, depth, tokens or 0, source)
     if r or r_schedule or keep_rate is not None or keep_layers is not None:
         raise EdgetokError("--r/--r-schedule/--keep-rate need --method tome or evit")
     return None
