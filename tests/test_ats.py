@@ -8,6 +8,7 @@ from cli_assertions import assert_one_line_error, run_cli
 from reference_ats import ats_keep
 
 from edgetok.onnx.validate import ort_session
+from edgetok.plugins.token_counts import add_count_outputs, engine_count_outputs, per_image, sizes_outputs
 from edgetok.vit.ats import ATS
 from edgetok.vit.export import ViTExportOptions, export_vit
 from edgetok.vit.loading import load_vit
@@ -87,7 +88,7 @@ def test_bad_ats_options_are_one_line(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_path, digits):
+def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_path, digits, monkeypatch):
     import json
 
     onnx_path = str(tmp_path / "ats.onnx")
@@ -98,6 +99,11 @@ def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_
     report = json.loads((tmp_path / "ats.engine.build.json").read_text())
     assert report["edgetok_plugins"]["plugins"][0]["name"] == "TokenPrune"
     assert report["network_outputs"][0]["shape"] == [-1, 10]  # the logits stay static; token counts inside vary
+    # the engine reports what each image kept: one [batch] output per ATS block, named in the report
+    counts = {"4": "edgetok.tokens_kept.block4", "5": "edgetok.tokens_kept.block5"}
+    assert report["token_count_outputs"] == counts
+    assert [(o["name"], o["shape"]) for o in report["network_outputs"][1:]] == [(n, [-1]) for n in counts.values()]
+    assert engine_count_outputs(tmp_path / "ats.engine") == {4: counts["4"], 5: counts["5"]}
 
     from edgetok.vit.digits import write_heldout_folder
 
@@ -107,6 +113,34 @@ def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_
     kept = json.loads(out)["tokens_kept"]
     assert sorted(kept) == ["4", "5"]  # the reference model's own default blocks
     assert all(t["min"] < t["max"] <= 65 for t in kept.values())  # the count follows the image
+
+    # eval of the engine (no GPU here: its graph, count outputs included, run by ONNX Runtime in its place)
+    # reads the counts from the engine's outputs and reports the same tokens kept
+    import onnx
+
+    import edgetok.runtime.runners as runners
+
+    class GraphOfTheEngine:
+        def __init__(self, path, module, batch, cuda_graphs, data_transfers):
+            self.count_outputs = engine_count_outputs(path)
+            model = onnx.load(onnx_path)
+            add_count_outputs(model)
+            onnx.save(model, str(tmp_path / "engine_graph.onnx"))
+            self.session = ort_session(str(tmp_path / "engine_graph.onnx"))
+            self.inputs = ["pixel_values"]
+
+        def run(self, feed):
+            return dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feed)))
+
+    monkeypatch.setattr(runners, "TensorRTEngineRunner", GraphOfTheEngine)
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "ats.engine"), "--data", folder, "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens_kept"] == kept
+    from edgetok.profile.profiler import tokens_kept
+
+    runner = GraphOfTheEngine(str(tmp_path / "ats.engine"), "", 1, False, None)
+    x = {"pixel_values": digits[:5]}
+    assert tokens_kept(str(tmp_path / "ats.engine"), x, runner) == tokens_kept(onnx_path, x, None)
 
 
 def test_engine_with_data_dependent_shapes_refuses_cuda_graphs(tmp_path):
@@ -200,3 +234,25 @@ def test_default_blocks_come_from_the_model_else_the_reference_config_scaled():
     assert make_method("ats", 6, tokens=65).blocks == [1, 2, 3, 4, 5]
     given = make_method("ats", 6, ats_blocks=[2], tokens=65, defaults=digits.method_defaults)
     assert (given.blocks, given.source) == ([2], "--ats-blocks")
+
+
+def test_count_outputs_equal_the_padded_sizes_in_onnx_runtime(tmp_path, digits):
+    """The per-image counts build-engine adds to the graph (standard ops) equal the rows of size > 0 of each
+    TokenPrune's padded output, on a batch whose images keep different counts; the logits are untouched."""
+    import onnx
+
+    side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", ats_blocks=EVERY_BLOCK,
+                                       output=str(tmp_path / "a.onnx")))
+    sizes = sizes_outputs(side["path"])
+    model = onnx.load(side["path"])
+    counts = add_count_outputs(model)
+    assert sorted(counts) == EVERY_BLOCK
+    onnx.save(model, str(tmp_path / "counted.onnx"))
+    x = digits[:12]
+    want = ort_session(side["path"], extra_outputs=tuple(sizes.values())).run(None, {"pixel_values": x})
+    got = ort_session(str(tmp_path / "counted.onnx")).run(None, {"pixel_values": x})
+    assert np.array_equal(got[0], want[0])
+    for i, block in enumerate(sizes):
+        assert got[1 + i].dtype == np.float32 and got[1 + i].shape == (12,)
+        assert got[1 + i].astype(int).tolist() == per_image(want[1 + i])
+    assert len(set(got[-1].tolist())) > 1, "the kept count should vary across these images"

@@ -101,20 +101,25 @@ def image_inputs(folder: str, model: str, specs: dict, batch: int) -> tuple[dict
     return {next(iter(specs)): images.astype(next(iter(specs.values()))[1])}, batch
 
 
-def tokens_kept(model: str, feed: dict) -> list[dict] | None:
-    """Tokens each image keeps after each data-dependent block for these inputs (an ONNX model run once in
-    ONNX Runtime with the plugin nodes' size outputs exposed); None for models without such steps."""
+def tokens_kept(model: str, feed: dict, runner) -> list[dict] | None:
+    """Tokens each image keeps after each data-dependent block for these inputs, from one run: an ONNX model in
+    ONNX Runtime with the plugin nodes' size outputs exposed, an engine through the count outputs build-engine
+    added; None for models without such steps."""
+    from edgetok.plugins.token_counts import per_image, sizes_outputs
+
+    counts = getattr(runner, "count_outputs", None)
+    if counts:  # an engine
+        outputs = runner.run(feed)
+        return [{"block": block, "per_image": [int(n) for n in outputs[name]]} for block, name in counts.items()]
     if Path(model).suffix != ".onnx":
         return None
     from edgetok.onnx.validate import ort_session
-    from edgetok.runtime.plugins import token_count_outputs
 
-    outputs = token_count_outputs(model)
+    outputs = sizes_outputs(model)
     if not outputs:
         return None
     sizes = ort_session(model, extra_outputs=tuple(outputs.values())).run(None, feed)[-len(outputs):]
-    return [{"block": block, "per_image": (size[..., 0] > 0).sum(axis=1).tolist()}
-            for block, size in zip(outputs, sizes)]
+    return [{"block": block, "per_image": per_image(size)} for block, size in zip(outputs, sizes)]
 
 
 def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None = None) -> dict:
@@ -134,9 +139,10 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
         else:
             check_batch_fits(model, batch, specs, _export_sidecar(model), opts.device)
             feed = random_inputs(specs, batch, opts.seed)
+        kept = tokens_kept(model, feed, runner)  # before set_inputs: an engine's run sets its own
         runner.set_inputs(feed)
         entries.append({"model": model, "label": label, "runner": runner, "batch": batch, "m": Measurement(),
-                        "tokens_kept": tokens_kept(model, feed)})
+                        "tokens_kept": kept})
 
     sampler = None
     if opts.device == "jetson":

@@ -24,25 +24,6 @@ def onnx_needs_plugins(model) -> list[dict]:
     return uses(model)
 
 
-def token_count_outputs(path: str | Path) -> dict[int, str]:
-    """Block -> the sizes output of that block's data-dependent plugin node (its padding rows have size 0), so
-    the tokens each image keeps can be counted; {} for a graph without such steps."""
-    import re
-
-    import onnx
-
-    from edgetok.plugins.spec import NAMESPACE, node_spec
-
-    model = onnx.load(str(path), load_external_data=False)
-    found = {}
-    for i, node in enumerate(n for n in model.graph.node if n.domain == NAMESPACE):
-        spec = node_spec(node)
-        if any(t.size_tensor for t in spec.outputs):
-            block = re.search(r"(?:blocks|layer)\.(\d+)", node.name)  # timm blocks.N, Hugging Face layer.N
-            found[int(block.group(1)) if block else i] = node.output[1]
-    return found
-
-
 def prepare_ort(options, path: str | Path, model=None) -> list[dict]:
     """Register the edgetok ONNX Runtime ops on ``options`` if the graph at ``path`` (``model``, when the
     caller has it loaded already) has edgetok nodes."""

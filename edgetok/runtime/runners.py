@@ -137,9 +137,11 @@ class TensorRTEngineRunner(Runner):
     """A serialized TensorRT or TensorRT-RTX engine; buffers and events come from PyTorch's CUDA."""
 
     def __init__(self, path: str, module: str, batch: int, cuda_graphs: bool | None, data_transfers: bool | None):
+        from edgetok.plugins.token_counts import engine_count_outputs
         from edgetok.runtime.plugins import data_dependent_plugins
 
         self.data_dependent = data_dependent_plugins(path)  # token counts follow the input: no CUDA graph
+        self.count_outputs = engine_count_outputs(path)  # block -> output: the tokens each image kept there
         if cuda_graphs and self.data_dependent:
             raise EdgetokError(f"{Path(path).name} has data-dependent shapes ({', '.join(self.data_dependent)}: the "
                                "token count follows the image), which a CUDA graph cannot capture; use --no-cuda-graphs")

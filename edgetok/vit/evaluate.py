@@ -12,6 +12,7 @@ import numpy as np
 
 from edgetok import sidecar
 from edgetok.errors import EdgetokError
+from edgetok.plugins.token_counts import per_image, sizes_outputs
 from edgetok.runtime.runners import ENGINE_SUFFIXES
 
 
@@ -79,10 +80,8 @@ class Predictor:
 
             if not path.is_file():
                 raise EdgetokError(f"{model} does not exist")
-            from edgetok.runtime.plugins import token_count_outputs
-
             self.sha256 = sidecar.file_sha256(model)
-            self.count_outputs = token_count_outputs(model)  # data-dependent steps: count what each image keeps
+            self.count_outputs = sizes_outputs(model)  # data-dependent steps: count what each image keeps
             self.tokens_kept = {block: [] for block in self.count_outputs}
             self.session = ort_session(model, extra_outputs=tuple(self.count_outputs.values()))
             if sidecar.file_sha256(model) != self.sha256:
@@ -99,6 +98,7 @@ class Predictor:
             exported = record.get("model") or {}
             require_class_logits(model, ["logits"] if exported.get("num_classes") else [], exported.get("head"))
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
+            self.tokens_kept = {block: [] for block in self.runner.count_outputs}
         else:
             from edgetok.vit.loading import load_vit
 
@@ -110,10 +110,13 @@ class Predictor:
         if self.kind == "onnx":
             logits, *sizes = self.session.run(None, {self.input: images})[:1 + len(self.count_outputs)]
             for block, size in zip(self.count_outputs, sizes):
-                self.tokens_kept[block] += (size[..., 0] > 0).sum(axis=1).tolist()
+                self.tokens_kept[block] += per_image(size)
             return logits
         if self.kind == "engine":
-            return next(iter(self.runner.run({self.runner.inputs[0]: images}).values()))
+            outputs = self.runner.run({self.runner.inputs[0]: images})
+            for block, name in self.runner.count_outputs.items():
+                self.tokens_kept[block] += [int(n) for n in outputs.pop(name)]
+            return next(iter(outputs.values()))
         import torch
 
         with torch.no_grad():
