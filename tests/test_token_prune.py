@@ -253,6 +253,7 @@ def test_engine_build_declares_the_size_tensor(capsys, tmp_path, monkeypatch, rt
         {"name": "pruned", "shape": [-1, -1, CHANNELS], "dtype": "FLOAT"},
         {"name": "pruned_size", "shape": [-1, -1, 1], "dtype": "FLOAT"},
         {"name": "count", "shape": [], "dtype": "INT64"},
+        {"name": "edgetok.tokens_kept.block0", "shape": [-1], "dtype": "FLOAT"},  # what each image kept
     ]
     assert report["edgetok_plugins"]["plugins"] == [{"name": "TokenPrune", "namespace": "edgetok", "version": "1",
                                                      "nodes": 1}]
