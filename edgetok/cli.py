@@ -74,9 +74,11 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--allow-unsupported-ops", is_flag=True, help="Write the ONNX even if TensorRT would reject some nodes.")
 @click.option("--plugins", is_flag=True, help="Each ToMe step as one edgetok::TokenMerge plugin node (fused kernel).")
+@click.option("--attention", type=click.Choice(["dense", "biased"]), default="dense", show_default=True,
+              help="biased: every block's attention as one edgetok::SizeBiasedAttention plugin node (+log(size)).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
 def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
-                   cap, img_size, batch, opset, allow_unsupported_ops, plugins, output) -> None:
+                   cap, img_size, batch, opset, allow_unsupported_ops, plugins, attention, output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
@@ -85,7 +87,7 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
         keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks),
         ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
         calibrate=calibrate, cap=cap, img_size=img_size, batch=batch, opset=opset, output=output,
-        allow_unsupported_ops=allow_unsupported_ops, plugins=plugins,
+        allow_unsupported_ops=allow_unsupported_ops, plugins=plugins, attention=attention,
     )
     click.echo(summary(export_vit(opts, _say)))
 

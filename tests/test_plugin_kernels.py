@@ -222,8 +222,9 @@ def test_build_all_archs(cache):
     assert folder.parent.name == "cubins" and folder.name.startswith(manifest["triton"] + "-")
     assert manifest["format"] == cubins.FORMAT and set(manifest["archs"]) == set(cubins.ARCHS)
     assert all(v.count(".") == 1 for v in [manifest["ptx_version"], *(a["ptx_version"] for a in manifest["archs"].values())])
-    every = cubins._kernels()  # (plugin, kernel) of every plugin: TokenMerge's and TokenPrune's
-    assert {k.name for k in kernels.KERNELS} | {"prune_scan", "prune_count", "prune_gather"} == \
+    every = cubins._kernels()  # (plugin, kernel) of every plugin: TokenMerge's, TokenPrune's, SizeBiasedAttention's
+    assert {k.name for k in kernels.KERNELS} | {"prune_scan", "prune_count", "prune_gather", "sba_attend_d64",
+                                                "sba_attend_d128", "sba_class_row"} == \
         set(manifest["kernels"]) == {k.name for _, k in every}
     for plugin, kernel in every:
         entry = manifest["kernels"][kernel.name]

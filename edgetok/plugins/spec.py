@@ -142,7 +142,7 @@ def reference(op: str):
 
 
 def _load_builtins() -> None:
-    from edgetok.plugins import token_merge, token_prune  # noqa: F401  (register their specs and references)
+    from edgetok.plugins import size_biased_attention, token_merge, token_prune  # noqa: F401  (specs, references)
 
 
 def specs() -> dict[str, PluginSpec]:

@@ -45,6 +45,7 @@ class ViTExportOptions:
     allow_unsupported_ops: bool = False
     tolerance: float = 1e-3
     plugins: bool = False  # reduction steps that fit an edgetok plugin become one plugin node each
+    attention: str = "dense"  # "biased": every block's attention as one SizeBiasedAttention plugin node
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -59,11 +60,13 @@ def default_output(opts: ViTExportOptions) -> Path:
            "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}"}.get(opts.method, opts.method)
     if opts.plugins:
         tag += "_plugins"
+    if opts.attention != "dense":
+        tag += f"_attn_{opts.attention}"
     return Path("edgetok-out") / f"{stem}_{tag}.onnx"
 
 
 REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
-                "calibrate", "cap", "img_size", "plugins")
+                "calibrate", "cap", "img_size", "plugins", "attention")
 
 
 def export_request(opts: ViTExportOptions) -> dict:
@@ -118,7 +121,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
-    reduced = reduce_vit(vit, method, plugins=opts.plugins)
+    reduced = reduce_vit(vit, method, plugins=opts.plugins, attention=opts.attention)
     if opts.method == "dtome":
         from edgetok.vit.dtome import calibrate
 
@@ -177,6 +180,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 "method": reduced.method,
                 **({"data_dependent": True} if getattr(method, "data_dependent", False) else {}),
                 **reduced.params,
+                "attention": opts.attention,
                 "tokens_per_layer": [list(t) for t in reduced.tokens],
             },
             "flops": {
@@ -232,6 +236,8 @@ def summary(data: dict) -> str:
             f"(per block: {','.join(map(str, tokens))})",
             f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "
             f"{fl['speedup_bound']:.2f}x)"]),
+        *([f"  attention  {red['attention']}: every block's attention is one SizeBiasedAttention node (flash style, "
+           "+log(size) on the keys)"] if red.get("attention", "dense") != "dense" else []),
         *(["  plugins    " + ", ".join(f"{p['name']} x{p['nodes']}" for p in data["plugins"])
            + " (edgetok v1: ONNX Runtime runs their references; build-engine the fused kernels)"] if data.get("plugins") else []),
         *([f"  kernels    {data['cubins']['file']}: {len(data['cubins']['kernels'])} Triton kernels as cubins for "

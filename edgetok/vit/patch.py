@@ -22,8 +22,10 @@ from edgetok.vit.token_transform import apply_transform
 class ReductionState:
     """State shared by the patched blocks: the method, its per-block amounts, and token sizes."""
 
-    def __init__(self, method, amounts: list[int], prefix: int, class_token: bool = True, plugins: bool = False):
+    def __init__(self, method, amounts: list[int], prefix: int, class_token: bool = True, plugins: bool = False,
+                 attention: str = "dense"):
         self.method = method
+        self.attention = attention  # "biased": attention as the SizeBiasedAttention op (edgetok/vit/attention.py)
         self.plugins = plugins  # steps the method can do as one plugin node export as that node
         self.amounts = amounts
         self.prefix = prefix
@@ -45,6 +47,21 @@ class _ReducingMixin:
             return mask
         bias = state.size.log()[:, None, None, :, 0]  # [B, 1, 1, N]: + log(size) of each key
         return bias if mask is None else mask + bias
+
+    def _edgetok_attend(self, attn, x: torch.Tensor, mask, dense, causal: bool = False):
+        """The block's attention: the SizeBiasedAttention op when asked for (and no mask or causality came from
+        outside), else the block's own module with the mask plus the proportional bias (``dense(mask)``)."""
+        state = self._edgetok_state
+        biased = state.attention == "biased" and mask is None and not causal
+        mask = self._edgetok_start(mask)
+        if not biased:
+            return dense(mask)
+        from edgetok.vit.attention import attend
+
+        size = state.size if state.size is not None else torch.ones_like(x[..., :1])
+        if not state.method.proportional_attention:
+            size = (size > 0).to(x.dtype)  # padding keys masked, real ones unbiased: what the dense path adds
+        return attend(attn, x, size)
 
     def _edgetok_reduce(self, x: torch.Tensor) -> torch.Tensor:
         state = self._edgetok_state
@@ -76,8 +93,10 @@ class _ReducingMixin:
 
 class ReducingBlock(Block, _ReducingMixin):
     def forward(self, x, attn_mask=None, is_causal=False):
-        attn_mask = self._edgetok_start(attn_mask)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        normed = self.norm1(x)
+        x = x + self.drop_path1(self.ls1(self._edgetok_attend(
+            self.attn, normed, attn_mask, lambda mask: self.attn(normed, attn_mask=mask, is_causal=is_causal),
+            is_causal)))
         x = self._edgetok_reduce(x)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -85,10 +104,11 @@ class ReducingBlock(Block, _ReducingMixin):
 
 class ReducingViTLayer(ViTLayer, _ReducingMixin):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        attention_mask = self._edgetok_start(attention_mask)
         residual = hidden_states
         hidden_states = self.layernorm_before(hidden_states)
-        hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        normed = hidden_states
+        hidden_states = self._edgetok_attend(self.attention, normed, attention_mask,
+                                             lambda mask: self.attention(normed, mask, **kwargs)[0])
         hidden_states = self.dropout(hidden_states)
         hidden_states = hidden_states + residual
         hidden_states = self._edgetok_reduce(hidden_states)
@@ -112,9 +132,10 @@ def _tap(taps: dict, key: str, heads: int | None = None, part: int | None = None
     return hook
 
 
-def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = False) -> ReductionState:
+def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = False,
+                 attention: str = "dense") -> ReductionState:
     """Swap every block of ``vit`` for its reducing subclass, driven by ``method``'s plan."""
-    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token, plugins)
+    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token, plugins, attention)
     for layer, block in enumerate(vit.blocks):
         taps: dict = {}
         if type(block) is Block and type(block.attn) is Attention:

@@ -104,10 +104,23 @@ def plan(vit: LoadedViT, method) -> ReductionPlan:
     return ReductionPlan(method.name, method.params(amounts), tokens, amounts)
 
 
-def reduce_vit(vit: LoadedViT, method, plugins: bool = False) -> ReductionPlan:
-    """Plan, then patch ``vit`` in place (nothing to patch for ``none``); ``plugins``: steps that fit a
-    plugin export as its node."""
+class NoReduction:
+    """``none`` when the blocks must still be patched (their attention replaced): every step keeps all tokens."""
+    name = "none"
+    proportional_attention = False
+
+    def transform(self, *args):
+        return None
+
+
+def reduce_vit(vit: LoadedViT, method, plugins: bool = False, attention: str = "dense") -> ReductionPlan:
+    """Plan, then patch ``vit`` in place (nothing to patch for ``none`` with dense attention); ``plugins``:
+    steps that fit a plugin export as its node; ``attention``: "biased" makes every block's attention one
+    SizeBiasedAttention op (edgetok/vit/attention.py)."""
+    from edgetok.vit.attention import check
+
+    check(attention, vit.blocks)
     result = plan(vit, method)
-    if method is not None:
-        patch_blocks(vit, method, result.amounts, plugins)
+    if method is not None or attention != "dense":
+        patch_blocks(vit, method or NoReduction(), result.amounts, plugins, attention)
     return result
