@@ -2,7 +2,8 @@
 # GPU check of the plugin kernels on a lent CUDA machine (no TensorRT there): every kernel against its
 # reference for real, then bench/plugins_cuda.py (TokenMerge vs the standard-op step at batch 1/8/64, its
 # fraction of copy bandwidth, the AOT cubins through cuda-python, DeiT-S ToMe r=13 end to end with and
-# without the kernels; ATS and dtome on the reference model with the TokenPrune kernels). Run from the
+# without the kernels; ATS and dtome on the reference model with the TokenPrune kernels; SizeBiasedAttention
+# against SDPA). Run from the
 # repository root; writes the log under $OUT.
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -14,4 +15,5 @@ mkdir -p "$out"
   python3 -m edgetok plugins check --device cuda
   python3 bench/plugins_cuda.py --batch 1 8 64
   python3 bench/dynamic.py --torch cuda  # ATS/dtome with the TokenPrune kernels vs dense and ToMe, batch 1
+  python3 bench/attention_cuda.py  # SizeBiasedAttention vs SDPA with and without the float mask
 } 2>&1 | tee "$out/plugins_check.log"
