@@ -1,0 +1,96 @@
+"""BlockSparseAttention: with mass = 1 it is dense (size-biased) attention; below 1 its reference equals a
+loop-by-loop reading of the selection rule; its Triton kernels (interpreter) equal the reference, selections
+exactly; a padded batch equals its images alone; bad fields are one line."""
+
+import numpy as np
+import pytest
+import torch
+from reference_block_sparse import block_sparse
+
+from edgetok.plugins import kernels
+from edgetok.plugins import spec as plugin_spec
+
+SPEC = plugin_spec.get("BlockSparseAttention")
+CASES = {label: (inputs, fields) for label, inputs, fields in SPEC.cases(np.random.default_rng(0))}
+FIELDS = {"scale": 0.0, "block": 16, "mass": 0.9, "keep": 0.0, "prefix": 1}
+
+
+def _inputs(rng, batch=2, heads=2, tokens=70, dim=16, sharp=2.0):
+    q, k, v = (rng.standard_normal((batch, heads, tokens, dim)) for _ in range(3))
+    return [q * sharp, k, v, rng.integers(1, 4, (batch, tokens, 1)).astype(np.float64)]
+
+
+def _run(inputs, fields):
+    return plugin_spec.run_reference("BlockSparseAttention", inputs, fields, any_float=True)
+
+
+@pytest.mark.parametrize("tokens,block", [(70, 16), (197, 64), (10, 16)])
+def test_mass_one_is_dense_attention(tokens, block):
+    inputs = _inputs(np.random.default_rng(tokens), tokens=tokens)
+    inputs[3][0, -5:] = 0.0  # padding keys too
+    out, kept = _run(inputs, {**FIELDS, "block": block, "mass": 1.0})
+    dense, _ = plugin_spec.run_reference("SizeBiasedAttention", inputs, {"scale": 0.0}, any_float=True)
+    assert np.abs(out - dense).max() <= 1e-12 and (kept == 1.0).all()
+
+
+@pytest.mark.parametrize("fields", [dict(mass=0.9), dict(mass=0.5, prefix=0), dict(keep=0.4), dict(mass=0.7, block=32)],
+                         ids=["mass0.9", "mass0.5_noprefix", "keep0.4", "block32"])
+def test_reference_equals_the_loop_reading(fields):
+    rng = np.random.default_rng(7)
+    inputs = _inputs(rng, tokens=75)
+    inputs[3][1, 50:] = 0.0  # image 1 ends in padding: a whole padding block and a partial one
+    fields = {**FIELDS, **fields}
+    out, kept = _run(inputs, fields)
+    scale = inputs[0].shape[3] ** -0.5
+    want_out, want_kept = block_sparse(*(x.tolist() for x in inputs[:3]), inputs[3][..., 0].tolist(), scale,
+                                       fields["block"], fields["mass"], fields["keep"], fields["prefix"])
+    real = inputs[3][..., 0] > 0
+    assert np.abs((out - np.array(want_out)) * real[:, None, :, None]).max() <= 1e-9  # padding rows: any value
+    assert np.abs(kept - np.array(want_kept)).max() <= 1e-12
+    assert 0 < kept.min() < 1, "the selection should drop some blocks here"
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_kernels_equal_the_reference(label):
+    """N not a multiple of the block, N below one block, B > 1, padding blocks, tied key blocks, mass = 1."""
+    inputs, fields = CASES[label]
+    want = _run([x.astype(np.float64) for x in inputs], fields)
+    got, regions = kernels.run_torch(SPEC, [torch.from_numpy(x) for x in inputs], fields, scratch_regions=True)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and np.abs(g.numpy() - w).max() / max(np.abs(w).max(), 1.0) <= 1e-5
+    selected = np.concatenate(SPEC.intermediates(inputs, fields)["selected"])
+    assert (regions["selected"].numpy()[:selected.size] == selected).all()
+
+
+def test_a_padded_batch_equals_its_images_alone():
+    rng = np.random.default_rng(3)
+    lengths = [70, 41, 18]
+    alone = [_inputs(rng, batch=1, tokens=n) for n in lengths]
+    padded = [np.zeros((3, 2, 70, 16)) for _ in range(3)] + [np.zeros((3, 70, 1))]
+    for b, (image, n) in enumerate(zip(alone, lengths)):
+        for x, into in zip(image, padded):
+            into[b, ..., :n, :] = x[0] if x.ndim == 4 else x[0]
+    fields = {**FIELDS, "mass": 0.8}
+    out, kept = _run(padded, fields)
+    got, got_kept = kernels.run_torch(SPEC, [torch.from_numpy(x.astype(np.float32)) for x in padded], fields)
+    for b, (image, n) in enumerate(zip(alone, lengths)):
+        one, one_kept = _run(image, fields)
+        assert np.abs(out[b, :, :n] - one[0]).max() <= 1e-12 and kept[b] == one_kept[0]
+        assert np.abs(got[b, :, :n].numpy() - one[0]).max() <= 1e-5 and abs(float(got_kept[b]) - one_kept[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(block=24), "block=24 must be a power of two >= 16"),
+    (dict(block=8), "block=8 must be a power of two >= 16"),
+    (dict(mass=0.0), "mass=0.0 must be in (0, 1]"),
+    (dict(mass=1.5), "mass=1.5 must be in (0, 1]"),
+    (dict(keep=2.0), "keep=2.0 must be in (0, 1]"),
+    (dict(block=16, _tokens=4097), "4097 tokens make 257 blocks of 16, more than 128; use a larger block (at least 64)"),
+])
+def test_bad_fields_are_one_line(fields, message):
+    tokens = fields.pop("_tokens", 20)
+    q = np.zeros((1, 1, tokens, 8), np.float32)
+    with pytest.raises(plugin_spec.PluginError) as err:
+        plugin_spec.run_reference("BlockSparseAttention", [q, q, q, np.ones((1, tokens, 1), np.float32)],
+                                  {**FIELDS, **fields})
+    assert message in str(err.value) and "\n" not in str(err.value)
