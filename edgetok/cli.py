@@ -74,11 +74,17 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--allow-unsupported-ops", is_flag=True, help="Write the ONNX even if TensorRT would reject some nodes.")
 @click.option("--plugins", is_flag=True, help="Each ToMe step as one edgetok::TokenMerge plugin node (fused kernel).")
-@click.option("--attention", type=click.Choice(["dense", "biased"]), default="dense", show_default=True,
-              help="biased: every block's attention as one edgetok::SizeBiasedAttention plugin node (+log(size)).")
+@click.option("--attention", type=click.Choice(["dense", "biased", "sparse"]), default="dense", show_default=True,
+              help="biased: every block's attention as one edgetok::SizeBiasedAttention plugin node (+log(size)); "
+                   "sparse: as one edgetok::BlockSparseAttention node (training-free block selection).")
+@click.option("--attention-block", type=int, help="sparse: tokens per block, a power of two >= 16 (default 64).")
+@click.option("--attention-mass", type=float, help="sparse: pooled attention mass each query block keeps, in (0, 1] "
+              "(default 0.95; 1 = dense).")
+@click.option("--attention-keep", type=float, help="sparse: keep this fraction of key blocks instead of a mass.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
 def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
-                   cap, img_size, batch, opset, allow_unsupported_ops, plugins, attention, output) -> None:
+                   cap, img_size, batch, opset, allow_unsupported_ops, plugins, attention, attention_block, attention_mass,
+                   attention_keep, output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
@@ -88,6 +94,7 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
         ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
         calibrate=calibrate, cap=cap, img_size=img_size, batch=batch, opset=opset, output=output,
         allow_unsupported_ops=allow_unsupported_ops, plugins=plugins, attention=attention,
+        attention_block=attention_block, attention_mass=attention_mass, attention_keep=attention_keep,
     )
     click.echo(summary(export_vit(opts, _say)))
 
@@ -362,6 +369,12 @@ def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> 
     if result.get("tokens_kept"):
         line += "; tokens kept after blocks " + ", ".join(f"{b}: mean {t['mean']:.1f} [{t['min']}-{t['max']}]"
                                                           for b, t in result["tokens_kept"].items())
+    if result.get("attention_kept"):
+        kept = [t["mean"] for t in result["attention_kept"].values()]
+        line += f"; attention block pairs kept: mean {sum(kept) / len(kept):.1%} over {len(kept)} blocks"
+    if result.get("gmacs"):
+        g = result["gmacs"]
+        line += f"; GMACs per image: mean {g['mean']:.4f} [{g['min']:.4f}-{g['max']:.4f}]"
     if "reference" in result:
         ref = result["reference"]
         line += f"; vs {ref['model']}: top-1 agreement {ref['top1_agreement']:.2%}, mean KL {ref['mean_kl']:.4f}"

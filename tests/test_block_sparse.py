@@ -94,3 +94,108 @@ def test_bad_fields_are_one_line(fields, message):
         plugin_spec.run_reference("BlockSparseAttention", [q, q, q, np.ones((1, tokens, 1), np.float32)],
                                   {**FIELDS, **fields})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ --attention sparse
+def test_torch_op_is_the_reference():
+    from edgetok.vit.attention import block_sparse_attention
+
+    for label in ("padding blocks", "keep 0.3, prefix 0", "tied key blocks"):
+        inputs, f = CASES[label]
+        out, kept = block_sparse_attention(*map(torch.from_numpy, inputs), f["scale"] or inputs[0].shape[3] ** -0.5,
+                                           f["block"], f["mass"], f["keep"], f["prefix"])
+        want_out, want_kept = plugin_spec.run_reference("BlockSparseAttention", inputs, f)
+        real = inputs[3][..., 0] > 0
+        assert np.abs((out.numpy() - want_out) * real[:, None, :, None]).max() <= 1e-5
+        assert np.abs(kept.numpy() - want_kept).max() <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from edgetok.vit.digits import write_heldout_folder
+
+    return write_heldout_folder(tmp_path_factory.mktemp("digits") / "heldout")["path"]
+
+
+def test_sparse_export_matches_pytorch_and_mass_one_is_the_dense_export(tmp_path, heldout):
+    from edgetok.onnx.validate import ort_session
+    from edgetok.vit.evaluate import image_folder
+    from edgetok.vit.export import ViTExportOptions, export_vit
+    from edgetok.vit.loading import load_vit
+    from edgetok.vit.reduction import reduce_vit
+
+    vit = load_vit("edgetok_digits_vit")
+    x = np.stack([image_folder(heldout, vit.preprocessing)[i][0].numpy() for i in range(0, 539, 60)])
+    side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="tome", r=4, attention="sparse",
+                                       attention_block=16, attention_mass=0.8, output=str(tmp_path / "s.onnx")))
+    assert side["reduction"]["attention_sparsity"] == {"block": 16, "mass": 0.8, "keep": 0.0}
+    assert {"name": "BlockSparseAttention", "namespace": "edgetok", "version": "1", "nodes": 6} in side["plugins"]
+    from edgetok.vit.attention import Sparsity
+    from edgetok.vit.reduction import make_method
+
+    reduce_vit(vit, make_method("tome", 6, r=4), attention="sparse", sparsity=Sparsity(16, 0.8))
+    with torch.no_grad():
+        want = vit.module(torch.from_numpy(x)).numpy()
+    assert np.abs(ort_session(side["path"]).run(None, {"pixel_values": x})[0] - want).max() <= 1e-4
+    dense = export_vit(ViTExportOptions(model="edgetok_digits_vit", output=str(tmp_path / "d.onnx")))
+    full = export_vit(ViTExportOptions(model="edgetok_digits_vit", attention="sparse", attention_block=16,
+                                       attention_mass=1.0, output=str(tmp_path / "f.onnx")))
+    got = ort_session(full["path"]).run(None, {"pixel_values": x})[0]
+    assert np.abs(got - ort_session(dense["path"]).run(None, {"pixel_values": x})[0]).max() <= 1e-4
+
+
+def test_digits_recipe_keeps_accuracy_with_fewer_block_pairs(capsys, tmp_path, heldout, monkeypatch):
+    """Within 1 point of dense top-1 (97.59 %) at the default mass; eval reports the kept pairs and GMACs."""
+    import json
+
+    from cli_assertions import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "export", "--recipe", "digits_sparse_attention")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", "edgetok-out/digits_vit_sparse_attention.onnx", "--data", heldout,
+                             "--no-sidecar", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["top1"] >= 0.9759 - 0.01
+    kept = [t["mean"] for t in result["attention_kept"].values()]
+    assert len(kept) == 6 and max(kept) < 1 and all(t["min"] < t["max"] for t in result["attention_kept"].values())
+    assert result["gmacs"]["mean"] < 0.0483  # dense: 0.0483
+
+
+def test_sparse_export_builds_with_tensorrt_rtx(capsys, tmp_path):
+    import importlib.util
+    import json
+
+    from cli_assertions import run_cli
+
+    from edgetok.vit.export import ViTExportOptions, export_vit
+
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("TensorRT-RTX is installed by tools/setup.sh")
+    onnx_path = str(tmp_path / "s.onnx")
+    export_vit(ViTExportOptions(model="edgetok_digits_vit", attention="sparse", attention_block=16, output=onnx_path))
+    code, out, err = run_cli(capsys, "build-engine", onnx_path, "--backend", "tensorrt-rtx", "--batch", "1:4:8",
+                             "--target", "sm86", "-o", str(tmp_path / "s.engine"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "s.engine.build.json").read_text())
+    assert {"name": "BlockSparseAttention", "namespace": "edgetok", "version": "1", "nodes": 6} in \
+        report["edgetok_plugins"]["plugins"]
+    kept = {str(b): f"edgetok.attention_kept.block{b}" for b in range(6)}
+    assert report["attention_kept_outputs"] == kept
+    assert [(o["name"], o["shape"]) for o in report["network_outputs"]] == \
+        [("logits", [-1, 10])] + [(n, [-1]) for n in kept.values()]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attention", "sparse", "--attention-block", "24"], "--attention-block 24 must be a power of two >= 16"),
+    (["--attention", "sparse", "--attention-mass", "1.5"], "--attention-mass 1.5 must be in (0, 1]"),
+    (["--attention", "sparse", "--attention-keep", "2"], "--attention-keep 2.0 must be in (0, 1]"),
+    (["--attention-mass", "0.5"], "--attention-mass is a block-sparse attention option; it needs --attention sparse"),
+])
+def test_bad_sparse_options_are_one_line_and_write_nothing(capsys, tmp_path, args, message):
+    from cli_assertions import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", *args, "-o", str(tmp_path / "x.onnx"))
+    assert_one_line_error(code, err, message)
+    assert not list(tmp_path.iterdir())

@@ -224,7 +224,8 @@ def test_build_all_archs(cache):
     assert all(v.count(".") == 1 for v in [manifest["ptx_version"], *(a["ptx_version"] for a in manifest["archs"].values())])
     every = cubins._kernels()  # (plugin, kernel) of every plugin: TokenMerge's, TokenPrune's, SizeBiasedAttention's
     assert {k.name for k in kernels.KERNELS} | {"prune_scan", "prune_count", "prune_gather", "sba_attend_d64",
-                                                "sba_attend_d128", "sba_class_row"} == \
+                                                "sba_attend_d128", "sba_class_row", "bsa_pool", "bsa_select",
+                                                "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128"} == \
         set(manifest["kernels"]) == {k.name for _, k in every}
     for plugin, kernel in every:
         entry = manifest["kernels"][kernel.name]

@@ -163,7 +163,8 @@ def test_plugins_check_runs_every_kernel_under_the_interpreter():
     cases = len(plugin_spec.get("TokenMerge").cases(np.random.default_rng(0)))
     assert f"TokenMerge: {cases}/{cases} cases match the reference" in done.stdout
     kernels = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert kernels == ["sba_attend_d64", "sba_attend_d128", "sba_class_row",  # one line per kernel
+    assert kernels == ["bsa_pool", "bsa_select", "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128",  # one per kernel
+                       "sba_attend_d64", "sba_attend_d128", "sba_class_row",
                        "tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge",
                        "prune_scan", "prune_count", "prune_gather"]
     assert "tome_rank    0 mismatched indices" in done.stdout and "tome_slot    0 mismatched indices" in done.stdout

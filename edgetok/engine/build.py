@@ -21,7 +21,7 @@ from edgetok import atomic, sidecar
 from edgetok.engine.backend import RTX_TARGETS, Backend, select
 from edgetok.engine.options import BuildOptions, InputProfile, parse_batch, parse_shapes
 from edgetok.errors import EdgetokError
-from edgetok.plugins.token_counts import add_count_outputs, sizes_outputs
+from edgetok.plugins.token_counts import add_count_outputs, add_kept_outputs, attention_kept_outputs, sizes_outputs
 
 REPORT_SUFFIX = ".build.json"
 
@@ -240,14 +240,15 @@ def _plugin_uses(model: onnx.ModelProto, source: Path) -> list[dict]:
 RTX_DEFAULT_ARCHS = ("sm86", "sm89", "sm120")
 
 
-def _with_token_counts(path: Path, work: Path) -> tuple[Path, dict[int, str]]:
-    """A copy of the ONNX to parse with the per-image token counts of its data-dependent steps as outputs."""
+def _with_token_counts(path: Path, work: Path) -> tuple[Path, dict[int, str], dict[int, str]]:
+    """A copy of the ONNX to parse with the per-image token counts of its data-dependent steps, and the kept
+    fractions of its block-sparse attentions, as outputs."""
     model = onnx.load(str(path))
-    counts = add_count_outputs(model)
+    counts, kept = add_count_outputs(model), add_kept_outputs(model)
     out = work / f"{path.stem}.counts.onnx"
     large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights beside it
     onnx.save(model, str(out), save_as_external_data=large, location=f"{out.name}.data" if large else None)
-    return out, counts
+    return out, counts, kept
 
 
 def _cubin_archs(opts: BuildOptions, backend: Backend) -> list[str]:
@@ -425,10 +426,10 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             inputs = {p.name: rng.standard_normal(p.min, dtype=np.float32) for p in profiles}
             conversion = compare_precisions(source, onnx_to_parse, inputs)
 
-        counts = {}
-        if uses and sizes_outputs(model):
-            onnx_to_parse, counts = _with_token_counts(onnx_to_parse, work)
-            say(f"counting the tokens each image keeps: engine outputs {', '.join(counts.values())}")
+        counts, kept = {}, {}
+        if uses and (sizes_outputs(model) or attention_kept_outputs(model)):
+            onnx_to_parse, counts, kept = _with_token_counts(onnx_to_parse, work)
+            say(f"reporting what each image keeps: engine outputs {', '.join([*counts.values(), *kept.values()])}")
         request = {
             "backend": backend.name,
             "onnx": str(onnx_to_parse.resolve()),
@@ -475,6 +476,7 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             "plugin_notes": event.get("plugin_notes", []),
             "edgetok_plugins": _plugins_report(plugin_setup, bundle) if bundle else None,
             "token_count_outputs": {str(block): name for block, name in counts.items()} or None,
+            "attention_kept_outputs": {str(block): name for block, name in kept.items()} or None,
             "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing")
                        if k in side} if side else None,
         })

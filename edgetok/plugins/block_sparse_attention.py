@@ -29,8 +29,8 @@ import math
 
 import numpy as np
 
-from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
 from edgetok.plugins.size_biased_attention import MAX_HEAD_DIM, scale_of
+from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
 
 MIN_BLOCK = 16  # the attention kernel's tile: a block is a whole number of tiles
 MAX_BLOCKS = 128  # the selection kernel scores one query block against up to this many key blocks at once

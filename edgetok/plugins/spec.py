@@ -142,8 +142,7 @@ def reference(op: str):
 
 
 def _load_builtins() -> None:
-    from edgetok.plugins import (  # noqa: F401  (register their specs and references)
-        block_sparse_attention, size_biased_attention, token_merge, token_prune)
+    from edgetok.plugins import block_sparse_attention, size_biased_attention, token_merge, token_prune  # noqa: F401  (register their specs and references)
 
 
 def specs() -> dict[str, PluginSpec]:

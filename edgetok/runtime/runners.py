@@ -263,8 +263,14 @@ class TorchRunner(Runner):
             # a --plugins export: on a GPU its merges run as the plugin's Triton kernels, on a CPU as standard ops
             plugins = bool((side.get("request") or {}).get("plugins"))
         vit = load_vit(name, checkpoint, img_size)
+        attention, sparsity = "dense", None
+        if model.endswith(".onnx"):
+            from edgetok.vit.attention import Sparsity
+
+            attention = red.get("attention", "dense")
+            sparsity = Sparsity(**red["attention_sparsity"]) if red.get("attention_sparsity") else None
         reduce_vit(vit, make_method(method, vit.depth, **kwargs, tokens=vit.num_tokens), plugins=plugins,
-                   attention=red.get("attention", "dense") if model.endswith(".onnx") else "dense")
+                   attention=attention, sparsity=sparsity)
         self.plugins = plugins and device != "cpu"
         if cuda_graphs and device != "cpu" and getattr(vit.blocks[0], "_edgetok_state", None) is not None \
                 and getattr(vit.blocks[0]._edgetok_state.method, "data_dependent", False):

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgetok import sidecar
 from edgetok.errors import EdgetokError
-from edgetok.plugins.token_counts import per_image, sizes_outputs
+from edgetok.plugins.token_counts import attention_kept_outputs, engine_count_outputs, per_image, sizes_outputs
 from edgetok.runtime.runners import ENGINE_SUFFIXES
 
 
@@ -82,8 +82,10 @@ class Predictor:
                 raise EdgetokError(f"{model} does not exist")
             self.sha256 = sidecar.file_sha256(model)
             self.count_outputs = sizes_outputs(model)  # data-dependent steps: count what each image keeps
+            self.kept_outputs = attention_kept_outputs(model)  # block-sparse attention: the block pairs it computed
             self.tokens_kept = {block: [] for block in self.count_outputs}
-            self.session = ort_session(model, extra_outputs=tuple(self.count_outputs.values()))
+            self.attention_kept = {block: [] for block in self.kept_outputs}
+            self.session = ort_session(model, extra_outputs=(*self.count_outputs.values(), *self.kept_outputs.values()))
             if sidecar.file_sha256(model) != self.sha256:
                 raise EdgetokError(f"{model} changed while it was being loaded; run eval again when its export is done")
             self.input = self.session.get_inputs()[0].name
@@ -99,6 +101,8 @@ class Predictor:
             require_class_logits(model, ["logits"] if exported.get("num_classes") else [], exported.get("head"))
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
             self.tokens_kept = {block: [] for block in self.runner.count_outputs}
+            self.kept_outputs = engine_count_outputs(model, "attention_kept_outputs")
+            self.attention_kept = {block: [] for block in self.kept_outputs}
         else:
             from edgetok.vit.loading import load_vit
 
@@ -108,14 +112,18 @@ class Predictor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.kind == "onnx":
-            logits, *sizes = self.session.run(None, {self.input: images})[:1 + len(self.count_outputs)]
-            for block, size in zip(self.count_outputs, sizes):
+            logits, *extra = self.session.run(None, {self.input: images})[:1 + len(self.count_outputs) + len(self.kept_outputs)]
+            for block, size in zip(self.count_outputs, extra):
                 self.tokens_kept[block] += per_image(size)
+            for block, kept in zip(self.kept_outputs, extra[len(self.count_outputs):]):
+                self.attention_kept[block] += kept.tolist()
             return logits
         if self.kind == "engine":
             outputs = self.runner.run({self.runner.inputs[0]: images})
             for block, name in self.runner.count_outputs.items():
                 self.tokens_kept[block] += [int(n) for n in outputs.pop(name)]
+            for block, name in self.kept_outputs.items():
+                self.attention_kept[block] += outputs.pop(name).tolist()
             return next(iter(outputs.values()))
         import torch
 
@@ -188,11 +196,35 @@ def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = No
     if getattr(predictor, "tokens_kept", None):  # data-dependent reduction: what the images kept, per block
         result["tokens_kept"] = {str(block): {"mean": round(float(np.mean(v)), 2), "min": int(min(v)), "max": int(max(v))}
                                  for block, v in sorted(predictor.tokens_kept.items())}
+    if getattr(predictor, "attention_kept", None):  # block-sparse attention: the share of block pairs computed
+        result["attention_kept"] = {str(block): {"mean": round(float(np.mean(v)), 4), "min": round(float(min(v)), 4),
+                                                 "max": round(float(max(v)), 4)}
+                                    for block, v in sorted(predictor.attention_kept.items())}
+    gmacs = _gmacs_per_image(opts.model, predictor, len(labels)) if predictor.kind != "torch" else None
+    if gmacs:
+        result["gmacs"] = {"mean": round(float(np.mean(gmacs)), 4), "min": round(min(gmacs), 4),
+                           "max": round(max(gmacs), 4)}
     if opts.write_sidecar and predictor.kind == "onnx":
         why = record_accuracy(opts.model, predictor.sha256, result)
         if why:
             result["not_recorded"] = why
     return result
+
+
+def _gmacs_per_image(model: str, predictor, images: int) -> list[float] | None:
+    """Each image's GMACs from what it kept (tokens, attention blocks), for models where that varies."""
+    tokens, kept = getattr(predictor, "tokens_kept", {}), getattr(predictor, "attention_kept", {})
+    if not tokens and not kept:
+        return None
+    from types import SimpleNamespace
+
+    from edgetok.vit.flops import per_image_gmacs
+
+    record = export_record(model)
+    dims = record.get("model") or {}
+    if "attn_dim" not in dims:  # an export from before these were recorded
+        return None
+    return per_image_gmacs(SimpleNamespace(**dims), record["reduction"]["tokens_per_layer"], tokens, kept, images)
 
 
 def record_accuracy(model: str, evaluated_sha256: str, result: dict) -> str | None:

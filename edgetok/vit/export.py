@@ -45,7 +45,10 @@ class ViTExportOptions:
     allow_unsupported_ops: bool = False
     tolerance: float = 1e-3
     plugins: bool = False  # reduction steps that fit an edgetok plugin become one plugin node each
-    attention: str = "dense"  # "biased": every block's attention as one SizeBiasedAttention plugin node
+    attention: str = "dense"  # "biased" / "sparse": every block's attention as one plugin node
+    attention_block: int | None = None  # "sparse": tokens per block (default 64)
+    attention_mass: float | None = None  # "sparse": pooled softmax mass each query block keeps (default 0.95)
+    attention_keep: float | None = None  # "sparse": or a fraction of key blocks to keep
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -65,8 +68,24 @@ def default_output(opts: ViTExportOptions) -> Path:
     return Path("edgetok-out") / f"{stem}_{tag}.onnx"
 
 
+def sparsity_of(opts: ViTExportOptions):
+    """The block-sparse attention's fields for ``--attention sparse`` (None otherwise); one line for sparse
+    options given without it."""
+    from edgetok.vit.attention import Sparsity
+
+    given = {k: v for k, v in (("block", opts.attention_block), ("mass", opts.attention_mass),
+                               ("keep", opts.attention_keep)) if v is not None}
+    if opts.attention != "sparse":
+        if given:
+            raise EdgetokError(f"--attention-{next(iter(given))} is a block-sparse attention option; it needs "
+                               "--attention sparse")
+        return None
+    return Sparsity(**given)
+
+
 REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
-                "calibrate", "cap", "img_size", "plugins", "attention")
+                "calibrate", "cap", "img_size", "plugins", "attention",
+                "attention_block", "attention_mass", "attention_keep")
 
 
 def export_request(opts: ViTExportOptions) -> dict:
@@ -121,7 +140,8 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
-    reduced = reduce_vit(vit, method, plugins=opts.plugins, attention=opts.attention)
+    sparsity = sparsity_of(opts)
+    reduced = reduce_vit(vit, method, plugins=opts.plugins, attention=opts.attention, sparsity=sparsity)
     if opts.method == "dtome":
         from edgetok.vit.dtome import calibrate
 
@@ -172,6 +192,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 "checkpoint": opts.checkpoint, "img_size": vit.img_size, "patch_size": vit.patch_size,
                 "in_chans": vit.in_chans, "prefix_tokens": vit.prefix_tokens, "embed_dim": vit.embed_dim,
                 "depth": vit.depth, "num_heads": vit.num_heads, "num_classes": vit.num_classes,
+                "attn_dim": vit.attn_dim, "mlp_hidden": vit.mlp_hidden,
                 "head": vit.head,
             },
             "input_shape": ["batch", *shape],
@@ -181,6 +202,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 **({"data_dependent": True} if getattr(method, "data_dependent", False) else {}),
                 **reduced.params,
                 "attention": opts.attention,
+                **({"attention_sparsity": dataclasses.asdict(sparsity)} if sparsity else {}),
                 "tokens_per_layer": [list(t) for t in reduced.tokens],
             },
             "flops": {
@@ -237,7 +259,12 @@ def summary(data: dict) -> str:
             f"  GMACs      {fl['dense_gmacs']:.3f} dense -> {fl['reduced_gmacs']:.3f}  (FLOPs speedup bound "
             f"{fl['speedup_bound']:.2f}x)"]),
         *([f"  attention  {red['attention']}: every block's attention is one SizeBiasedAttention node (flash style, "
-           "+log(size) on the keys)"] if red.get("attention", "dense") != "dense" else []),
+           "+log(size) on the keys)"] if red.get("attention") == "biased" else []),
+        *([f"  attention  sparse: every block's attention is one BlockSparseAttention node (block "
+           f"{red['attention_sparsity']['block']}, " + (f"keep {red['attention_sparsity']['keep']}" if
+                                                       red['attention_sparsity']['keep'] else
+                                                       f"mass {red['attention_sparsity']['mass']}")
+           + "): edgetok eval reports the blocks kept"] if red.get("attention") == "sparse" else []),
         *(["  plugins    " + ", ".join(f"{p['name']} x{p['nodes']}" for p in data["plugins"])
            + " (edgetok v1: ONNX Runtime runs their references; build-engine the fused kernels)"] if data.get("plugins") else []),
         *([f"  kernels    {data['cubins']['file']}: {len(data['cubins']['kernels'])} Triton kernels as cubins for "

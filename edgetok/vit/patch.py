@@ -23,9 +23,10 @@ class ReductionState:
     """State shared by the patched blocks: the method, its per-block amounts, and token sizes."""
 
     def __init__(self, method, amounts: list[int], prefix: int, class_token: bool = True, plugins: bool = False,
-                 attention: str = "dense"):
+                 attention: str = "dense", sparsity=None):
         self.method = method
-        self.attention = attention  # "biased": attention as the SizeBiasedAttention op (edgetok/vit/attention.py)
+        self.attention = attention  # "biased" / "sparse": attention as one plugin op (edgetok/vit/attention.py)
+        self.sparsity = sparsity  # "sparse": BlockSparseAttention's block, mass, keep
         self.plugins = plugins  # steps the method can do as one plugin node export as that node
         self.amounts = amounts
         self.prefix = prefix
@@ -52,7 +53,7 @@ class _ReducingMixin:
         """The block's attention: the SizeBiasedAttention op when asked for (and no mask or causality came from
         outside), else the block's own module with the mask plus the proportional bias (``dense(mask)``)."""
         state = self._edgetok_state
-        biased = state.attention == "biased" and mask is None and not causal
+        biased = state.attention in ("biased", "sparse") and mask is None and not causal
         mask = self._edgetok_start(mask)
         if not biased:
             return dense(mask)
@@ -61,7 +62,7 @@ class _ReducingMixin:
         size = state.size if state.size is not None else torch.ones_like(x[..., :1])
         if not state.method.proportional_attention:
             size = (size > 0).to(x.dtype)  # padding keys masked, real ones unbiased: what the dense path adds
-        return attend(attn, x, size)
+        return attend(attn, x, size, state.sparsity if state.attention == "sparse" else None, state.prefix)
 
     def _edgetok_reduce(self, x: torch.Tensor) -> torch.Tensor:
         state = self._edgetok_state
@@ -133,9 +134,9 @@ def _tap(taps: dict, key: str, heads: int | None = None, part: int | None = None
 
 
 def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = False,
-                 attention: str = "dense") -> ReductionState:
+                 attention: str = "dense", sparsity=None) -> ReductionState:
     """Swap every block of ``vit`` for its reducing subclass, driven by ``method``'s plan."""
-    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token, plugins, attention)
+    state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token, plugins, attention, sparsity)
     for layer, block in enumerate(vit.blocks):
         taps: dict = {}
         if type(block) is Block and type(block.attn) is Attention:

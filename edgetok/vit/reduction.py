@@ -113,14 +113,19 @@ class NoReduction:
         return None
 
 
-def reduce_vit(vit: LoadedViT, method, plugins: bool = False, attention: str = "dense") -> ReductionPlan:
+def reduce_vit(vit: LoadedViT, method, plugins: bool = False, attention: str = "dense",
+               sparsity=None) -> ReductionPlan:
     """Plan, then patch ``vit`` in place (nothing to patch for ``none`` with dense attention); ``plugins``:
-    steps that fit a plugin export as its node; ``attention``: "biased" makes every block's attention one
-    SizeBiasedAttention op (edgetok/vit/attention.py)."""
-    from edgetok.vit.attention import check
+    steps that fit a plugin export as its node; ``attention``: "biased" / "sparse" makes every block's
+    attention one SizeBiasedAttention / BlockSparseAttention op (edgetok/vit/attention.py), the latter with
+    ``sparsity`` (an attention.Sparsity; its defaults if None)."""
+    from edgetok.vit.attention import Sparsity, check
 
     check(attention, vit.blocks)
+    if attention == "sparse":
+        sparsity = sparsity or Sparsity()
+        sparsity.check(vit.num_tokens)
     result = plan(vit, method)
     if method is not None or attention != "dense":
-        patch_blocks(vit, method or NoReduction(), result.amounts, plugins, attention)
+        patch_blocks(vit, method or NoReduction(), result.amounts, plugins, attention, sparsity)
     return result
