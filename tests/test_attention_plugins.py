@@ -75,8 +75,8 @@ def test_spec_and_patching_refuse_bad_input_in_one_line():
         plugin_spec.run_reference("SizeBiasedAttention", [q, q, q, np.ones((1, 4, 1), np.float32)], {})
     with pytest.raises(plugin_spec.PluginError, match=r"scale=-1\.0 must be a finite number >= 0"):
         plugin_spec.run_reference("SizeBiasedAttention", [q, q, q, np.ones((1, 5, 1), np.float32)], {"scale": -1.0})
-    with pytest.raises(EdgetokError, match=r"--attention 'sparse' is unknown"):
-        check("sparse", [])
+    with pytest.raises(EdgetokError, match=r"--attention 'flash' is unknown; choose dense, biased, sparse"):
+        check("flash", [])
     with pytest.raises(EdgetokError, match=r"Identity blocks with NoneType attention cannot be patched; use "
                                            r"--attention dense"):
         check("biased", [torch.nn.Identity()])

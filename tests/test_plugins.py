@@ -90,7 +90,7 @@ def test_spec_rejects_bad_calls_in_one_line():
         plugin_spec.run_reference("TokenMerge", [x.astype(np.float16), metric, size], {"r": 1})
     with pytest.raises(plugin_spec.PluginError, match=r"version '2' is not provided \(edgetok has version '1'\)"):
         plugin_spec.get("TokenMerge", "2")
-    with pytest.raises(plugin_spec.PluginError, match="not an edgetok plugin; known: TokenMerge"):
+    with pytest.raises(plugin_spec.PluginError, match="not an edgetok plugin; known: BlockSparseAttention, SizeBiasedAttention, TokenMerge, TokenPrune"):
         plugin_spec.get("TokenSplit")
 
 
@@ -163,8 +163,8 @@ def test_plugins_check_runs_every_kernel_under_the_interpreter():
     cases = len(plugin_spec.get("TokenMerge").cases(np.random.default_rng(0)))
     assert f"TokenMerge: {cases}/{cases} cases match the reference" in done.stdout
     kernels = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert kernels == ["bsa_pool", "bsa_select", "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128",  # one per kernel
-                       "sba_attend_d64", "sba_attend_d128", "sba_class_row",
+    assert kernels == ["sba_attend_d64", "sba_attend_d128", "sba_class_row",  # one line per kernel
+                       "bsa_pool", "bsa_select", "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128",
                        "tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge",
                        "prune_scan", "prune_count", "prune_gather"]
     assert "tome_rank    0 mismatched indices" in done.stdout and "tome_slot    0 mismatched indices" in done.stdout

@@ -56,7 +56,7 @@ def _attend(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale,
     tl.store(lse_ptr + bh * N + rows, top + tl.log(total), mask=row_ok)
 
 
-# grid (cdiv(N, 64), B*H); BLOCK_M=64, BLOCK_N=64, head tile 64, 4 warps
+# grid (cdiv(N, 32), B*H); BLOCK_M=32, BLOCK_N=32, head tile 64, 4 warps
 @triton.jit
 def sba_attend_d64(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -64,11 +64,11 @@ def sba_attend_d64(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, sca
     _attend(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale, BLOCK_M, BLOCK_N, 64)
 
 
-# grid (cdiv(N, 64), B*H); BLOCK_M=64, BLOCK_N=32, head tile 128, 4 warps
+# grid (cdiv(N, 16), B*H); BLOCK_M=16, BLOCK_N=16, head tile 128, 4 warps
 @triton.jit
 def sba_attend_d128(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Head dims 65..128 (ViT-H's 80, 128): a narrower key tile keeps the registers in bounds."""
+    """Head dims 65..128 (ViT-H's 80, 128): smaller tiles keep shared memory under 48 KiB."""
     _attend(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale, BLOCK_M, BLOCK_N, 128)
 
 

@@ -7,17 +7,17 @@ from edgetok.plugins.kernels import Buffer, Kernel, KernelPlan, Launch
 from edgetok.plugins.size_biased_attention import scale_of
 
 SOURCE = "edgetok.plugins.kernels.size_biased_attention"
-ATTEND_BLOCK_M = 64
-ATTEND_BLOCK_N = {64: 64, 128: 32}  # head tile -> key tile
+# head tile -> (query tile, key tile): float32 operands, so tiles stay small enough for 48 KiB of shared memory
+ATTEND_TILES = {64: (32, 32), 128: (16, 16)}
 ROW_BLOCK_N, ROW_BLOCK_D = 64, 32
 
 _ATTEND_PARAMS = (("q_ptr", "*fp32"), ("k_ptr", "*fp32"), ("v_ptr", "*fp32"), ("size_ptr", "*fp32"),
                   ("out_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("H", "i32"), ("N", "i32"), ("D", "i32"),
                   ("scale", "fp32"))
 KERNELS = (
-    Kernel("sba_attend_d64", SOURCE, _ATTEND_PARAMS, {"BLOCK_M": ATTEND_BLOCK_M, "BLOCK_N": ATTEND_BLOCK_N[64]},
+    Kernel("sba_attend_d64", SOURCE, _ATTEND_PARAMS, {"BLOCK_M": ATTEND_TILES[64][0], "BLOCK_N": ATTEND_TILES[64][1]},
            num_warps=4, writes=("out", "lse")),
-    Kernel("sba_attend_d128", SOURCE, _ATTEND_PARAMS, {"BLOCK_M": ATTEND_BLOCK_M, "BLOCK_N": ATTEND_BLOCK_N[128]},
+    Kernel("sba_attend_d128", SOURCE, _ATTEND_PARAMS, {"BLOCK_M": ATTEND_TILES[128][0], "BLOCK_N": ATTEND_TILES[128][1]},
            num_warps=4, writes=("out", "lse")),
     Kernel("sba_class_row", SOURCE,
            (("q_ptr", "*fp32"), ("k_ptr", "*fp32"), ("size_ptr", "*fp32"), ("lse_ptr", "*fp32"),
@@ -45,7 +45,7 @@ def plan(shapes, fields: dict) -> KernelPlan:
     q, k, v, size = (Buffer("input", i) for i in range(4))
     attend = ATTEND_D64 if dim <= 64 else ATTEND_D128
     return KernelPlan((
-        Launch(attend, (_cdiv(tokens, ATTEND_BLOCK_M), batch * heads, 1),
+        Launch(attend, (_cdiv(tokens, attend.constexprs["BLOCK_M"]), batch * heads, 1),
                (q, k, v, size, Buffer("output", 0), lse, heads, tokens, dim, scale)),
         Launch(CLASS_ROW, (_cdiv(tokens, ROW_BLOCK_N), batch, 1),
                (q, k, size, lse, Buffer("output", 1), heads, tokens, dim, scale)),
