@@ -74,9 +74,10 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--allow-unsupported-ops", is_flag=True, help="Write the ONNX even if TensorRT would reject some nodes.")
 @click.option("--plugins", is_flag=True, help="Each ToMe step as one edgetok::TokenMerge plugin node (fused kernel).")
-@click.option("--attention", type=click.Choice(["dense", "biased", "sparse"]), default="dense", show_default=True,
+@click.option("--attention", type=click.Choice(["dense", "biased", "sparse"]),
               help="biased: every block's attention as one edgetok::SizeBiasedAttention plugin node (+log(size)); "
-                   "sparse: as one edgetok::BlockSparseAttention node (training-free block selection).")
+                   "sparse: as one edgetok::BlockSparseAttention node (training-free block selection). Default: "
+                   "dense; with --plugins, biased in the blocks after the first reduction.")
 @click.option("--attention-block", type=int, help="sparse: tokens per block, a power of two >= 16 (default 64).")
 @click.option("--attention-mass", type=float, help="sparse: pooled attention mass each query block keeps, in (0, 1] "
               "(default 0.95; 1 = dense).")

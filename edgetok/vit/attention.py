@@ -169,7 +169,7 @@ torch.onnx.register_custom_op_symbolic("edgetok::block_sparse_attention", _spars
 
 def check(kind: str, blocks) -> None:
     """One line for an unknown kind or a block whose attention this cannot replace."""
-    if kind not in KINDS:
+    if kind not in (*KINDS, "biased_after_reduction"):
         raise EdgetokError(f"--attention {kind!r} is unknown; choose {', '.join(KINDS)}")
     if kind == "dense":
         return

@@ -45,7 +45,9 @@ class ViTExportOptions:
     allow_unsupported_ops: bool = False
     tolerance: float = 1e-3
     plugins: bool = False  # reduction steps that fit an edgetok plugin become one plugin node each
-    attention: str = "dense"  # "biased" / "sparse": every block's attention as one plugin node
+    # "biased" / "sparse": every block's attention as one plugin node; None: dense, but with --plugins the
+    # blocks after the first reduction attend through SizeBiasedAttention
+    attention: str | None = None
     attention_block: int | None = None  # "sparse": tokens per block (default 64)
     attention_mass: float | None = None  # "sparse": pooled softmax mass each query block keeps (default 0.95)
     attention_keep: float | None = None  # "sparse": or a fraction of key blocks to keep
@@ -63,7 +65,7 @@ def default_output(opts: ViTExportOptions) -> Path:
            "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}"}.get(opts.method, opts.method)
     if opts.plugins:
         tag += "_plugins"
-    if opts.attention != "dense":
+    if opts.attention not in (None, "dense"):
         tag += f"_attn_{opts.attention}"
     return Path("edgetok-out") / f"{stem}_{tag}.onnx"
 
@@ -141,7 +143,8 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
     sparsity = sparsity_of(opts)
-    reduced = reduce_vit(vit, method, plugins=opts.plugins, attention=opts.attention, sparsity=sparsity)
+    attention = opts.attention or ("biased_after_reduction" if opts.plugins and method is not None else "dense")
+    reduced = reduce_vit(vit, method, plugins=opts.plugins, attention=attention, sparsity=sparsity)
     if opts.method == "dtome":
         from edgetok.vit.dtome import calibrate
 
@@ -201,7 +204,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                 "method": reduced.method,
                 **({"data_dependent": True} if getattr(method, "data_dependent", False) else {}),
                 **reduced.params,
-                "attention": opts.attention,
+                "attention": attention,
                 **({"attention_sparsity": dataclasses.asdict(sparsity)} if sparsity else {}),
                 "tokens_per_layer": [list(t) for t in reduced.tokens],
             },
@@ -260,6 +263,8 @@ def summary(data: dict) -> str:
             f"{fl['speedup_bound']:.2f}x)"]),
         *([f"  attention  {red['attention']}: every block's attention is one SizeBiasedAttention node (flash style, "
            "+log(size) on the keys)"] if red.get("attention") == "biased" else []),
+        *(["  attention  every block after the first reduction attends through one SizeBiasedAttention node"]
+          if red.get("attention") == "biased_after_reduction" else []),
         *([f"  attention  sparse: every block's attention is one BlockSparseAttention node (block "
            f"{red['attention_sparsity']['block']}, " + (f"keep {red['attention_sparsity']['keep']}" if
                                                        red['attention_sparsity']['keep'] else

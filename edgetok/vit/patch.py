@@ -19,6 +19,9 @@ from edgetok.vit.loading import LoadedViT
 from edgetok.vit.token_transform import apply_transform
 
 
+AFTER_REDUCTION = "biased_after_reduction"  # --plugins: SizeBiasedAttention where sizes exist (past a reduction)
+
+
 class ReductionState:
     """State shared by the patched blocks: the method, its per-block amounts, and token sizes."""
 
@@ -53,9 +56,10 @@ class _ReducingMixin:
         """The block's attention: the SizeBiasedAttention op when asked for (and no mask or causality came from
         outside), else the block's own module with the mask plus the proportional bias (``dense(mask)``)."""
         state = self._edgetok_state
-        biased = state.attention in ("biased", "sparse") and mask is None and not causal
+        outside = mask is not None or causal
         mask = self._edgetok_start(mask)
-        if not biased:
+        own = state.attention in ("biased", "sparse") or (state.attention == AFTER_REDUCTION and state.size is not None)
+        if outside or not own:
             return dense(mask)
         from edgetok.vit.attention import attend
 
