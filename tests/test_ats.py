@@ -123,6 +123,7 @@ def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_
     class GraphOfTheEngine:
         def __init__(self, path, module, batch, cuda_graphs, data_transfers):
             self.count_outputs = engine_count_outputs(path)
+            self.kept_outputs = engine_count_outputs(path, "attention_kept_outputs")
             model = onnx.load(onnx_path)
             add_count_outputs(model)
             onnx.save(model, str(tmp_path / "engine_graph.onnx"))
@@ -140,7 +141,8 @@ def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_
 
     runner = GraphOfTheEngine(str(tmp_path / "ats.engine"), "", 1, False, None)
     x = {"pixel_values": digits[:5]}
-    assert tokens_kept(str(tmp_path / "ats.engine"), x, runner) == tokens_kept(onnx_path, x, None)
+    found = tokens_kept(str(tmp_path / "ats.engine"), x, runner)
+    assert found == tokens_kept(onnx_path, x, None) and [k["block"] for k in found["tokens_kept"]] == [4, 5]
 
 
 def test_engine_with_data_dependent_shapes_refuses_cuda_graphs(tmp_path):

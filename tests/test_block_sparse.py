@@ -199,3 +199,22 @@ def test_bad_sparse_options_are_one_line_and_write_nothing(capsys, tmp_path, arg
     code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", *args, "-o", str(tmp_path / "x.onnx"))
     assert_one_line_error(code, err, message)
     assert not list(tmp_path.iterdir())
+
+
+def test_profile_records_the_attention_pairs_kept(capsys, tmp_path, heldout):
+    import json
+
+    from cli_assertions import run_cli
+
+    from edgetok.vit.export import ViTExportOptions, export_vit
+
+    onnx_path = str(tmp_path / "s.onnx")
+    export_vit(ViTExportOptions(model="edgetok_digits_vit", attention="sparse", attention_block=16, output=onnx_path))
+    code, out, err = run_cli(capsys, "profile", onnx_path, "--inputs", heldout, "--batch", "4", "--duration", "0.05",
+                             "--iterations", "2", "--warmup", "0", "-o", str(tmp_path / "prof"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "prof" / "profile.json").read_text())["models"][0]
+    kept = report["attention_kept"]
+    assert [k["block"] for k in kept] == list(range(6)) and all(len(k["per_image"]) == 4 for k in kept)
+    assert all(0 < f <= 1 for k in kept for f in k["per_image"]) and "tokens_kept" not in report
+    assert "attention block pairs kept in block 0:" in out

@@ -25,7 +25,8 @@ from edgetok.plugins.kernels import token_merge_plan as tm_kernels  # noqa: E402
 from edgetok.plugins.spec import PluginError  # noqa: E402
 
 KERNELS = {"tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge",  # a bundle holds every plugin's
-           "prune_scan", "prune_count", "prune_gather"}
+           "prune_scan", "prune_count", "prune_gather", "sba_attend_d64", "sba_attend_d128", "sba_class_row",
+           "bsa_pool", "bsa_select", "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128"}
 TOKENS, CHANNELS, DIM = 17, 8, 4
 
 
@@ -79,7 +80,9 @@ def test_vit_with_token_merge_nodes_builds(capsys, tmp_path, vit_onnx):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.engine", "t.engine.build.json", "t.engine.cubins.zip"]
     report = json.loads(Path(f"{engine}.build.json").read_text())
     plugins = report["edgetok_plugins"]
-    assert plugins["plugins"] == [{"name": "TokenMerge", "namespace": "edgetok", "version": "1", "nodes": 5}]
+    assert plugins["plugins"] == [  # the merges, and the attention of every block after the first merge
+        {"name": "TokenMerge", "namespace": "edgetok", "version": "1", "nodes": 5},
+        {"name": "SizeBiasedAttention", "namespace": "edgetok", "version": "1", "nodes": 11}]
     assert plugins["requires_edgetok_runtime"] is True and "register(trt, bundle_path)" in plugins["runtime"]
     manifest = plugins["cubins"]
     # the export's bundle (every architecture) is carried along as it is
@@ -148,7 +151,10 @@ def test_fields_survive_serialization(sm86_bundle):
 
     registered = plugins.register(trt, sm86_bundle)
     assert plugins.register(trt, sm86_bundle) == registered  # idempotent
-    assert registered == [{"name": "TokenMerge", "namespace": "edgetok", "version": "1",
+    assert registered == [{"name": "BlockSparseAttention", "namespace": "edgetok", "version": "1",
+                           "fields": ["scale", "block", "mass", "keep", "prefix"]},
+                          {"name": "SizeBiasedAttention", "namespace": "edgetok", "version": "1", "fields": ["scale"]},
+                          {"name": "TokenMerge", "namespace": "edgetok", "version": "1",
                            "fields": ["r", "prefix", "class_token"]},
                           {"name": "TokenPrune", "namespace": "edgetok", "version": "1", "fields": ["prefix"]}]
     assert trt.get_plugin_registry().get_creator("TokenMerge", "1", "edgetok") is not None

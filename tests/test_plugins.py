@@ -90,7 +90,8 @@ def test_spec_rejects_bad_calls_in_one_line():
         plugin_spec.run_reference("TokenMerge", [x.astype(np.float16), metric, size], {"r": 1})
     with pytest.raises(plugin_spec.PluginError, match=r"version '2' is not provided \(edgetok has version '1'\)"):
         plugin_spec.get("TokenMerge", "2")
-    with pytest.raises(plugin_spec.PluginError, match="not an edgetok plugin; known: BlockSparseAttention, SizeBiasedAttention, TokenMerge, TokenPrune"):
+    with pytest.raises(plugin_spec.PluginError, match="not an edgetok plugin; known: BlockSparseAttention, "
+                                                     "SizeBiasedAttention, TokenMerge, TokenPrune"):
         plugin_spec.get("TokenSplit")
 
 
@@ -119,11 +120,14 @@ def test_plugins_export_equals_standard_op_export(tmp_path, model, kw):
         kw["checkpoint"] = _checkpoint(tmp_path, model, kw["img_size"])
     standard, plugins = _export(tmp_path, model, False, **kw), _export(tmp_path, model, True, **kw)
     graph = onnx.load(plugins["path"])
-    merges = [n for n in graph.graph.node if n.domain == "edgetok"]
-    reduced_blocks = sum(1 for a, b in plugins["reduction"]["tokens_per_layer"] if a != b)
-    assert len(merges) == reduced_blocks > 0 and {n.op_type for n in merges} == {"TokenMerge"}
-    assert plugins["plugins"] == [{"name": "TokenMerge", "namespace": "edgetok", "version": "1",
-                                   "nodes": reduced_blocks}]
+    merges = [n for n in graph.graph.node if n.op_type == "TokenMerge"]
+    per_block = plugins["reduction"]["tokens_per_layer"]
+    reduced_blocks = sum(1 for a, b in per_block if a != b)
+    after_first = len(per_block) - 1 - next(i for i, (a, b) in enumerate(per_block) if a != b)
+    assert len(merges) == reduced_blocks > 0 and plugins["reduction"]["attention"] == "biased_after_reduction"
+    assert plugins["plugins"] == [{"name": "TokenMerge", "namespace": "edgetok", "version": "1", "nodes": reduced_blocks},
+                                  {"name": "SizeBiasedAttention", "namespace": "edgetok", "version": "1",
+                                   "nodes": after_first}]
     assert standard["plugins"] == [] and lint(graph) == []
     assert len(graph.graph.node) < len(onnx.load(standard["path"]).graph.node)
     shape = [3, *plugins["input_shape"][1:]]
@@ -163,8 +167,8 @@ def test_plugins_check_runs_every_kernel_under_the_interpreter():
     cases = len(plugin_spec.get("TokenMerge").cases(np.random.default_rng(0)))
     assert f"TokenMerge: {cases}/{cases} cases match the reference" in done.stdout
     kernels = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert kernels == ["sba_attend_d64", "sba_attend_d128", "sba_class_row",  # one line per kernel
-                       "bsa_pool", "bsa_select", "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128",
+    assert kernels == ["bsa_pool", "bsa_select", "bsa_kept", "bsa_sparse_d64", "bsa_sparse_d128",  # one per kernel
+                       "sba_attend_d64", "sba_attend_d128", "sba_class_row",
                        "tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge",
                        "prune_scan", "prune_count", "prune_gather"]
     assert "tome_rank    0 mismatched indices" in done.stdout and "tome_slot    0 mismatched indices" in done.stdout

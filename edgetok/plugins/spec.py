@@ -146,8 +146,9 @@ def _load_builtins() -> None:
 
 
 def specs() -> dict[str, PluginSpec]:
+    """Every spec, by name in alphabetical order (whatever order their modules were imported in)."""
     _load_builtins()
-    return dict(_SPECS)
+    return dict(sorted(_SPECS.items()))
 
 
 def get(name: str, version: str = VERSION, namespace: str = NAMESPACE) -> PluginSpec:

@@ -101,25 +101,32 @@ def image_inputs(folder: str, model: str, specs: dict, batch: int) -> tuple[dict
     return {next(iter(specs)): images.astype(next(iter(specs.values()))[1])}, batch
 
 
-def tokens_kept(model: str, feed: dict, runner) -> list[dict] | None:
-    """Tokens each image keeps after each data-dependent block for these inputs, from one run: an ONNX model in
-    ONNX Runtime with the plugin nodes' size outputs exposed, an engine through the count outputs build-engine
-    added; None for models without such steps."""
-    from edgetok.plugins.token_counts import per_image, sizes_outputs
+def tokens_kept(model: str, feed: dict, runner) -> dict:
+    """What each image keeps for these inputs, from one run: ``tokens_kept`` after each data-dependent block,
+    ``attention_kept`` (the share of block pairs) in each block-sparse attention. An ONNX model runs in ONNX
+    Runtime with the plugin nodes' outputs exposed, an engine gives the outputs build-engine added; {} for
+    models without such steps."""
+    from edgetok.plugins.token_counts import attention_kept_outputs, per_image, sizes_outputs
 
-    counts = getattr(runner, "count_outputs", None)
-    if counts:  # an engine
+    counts, fractions = getattr(runner, "count_outputs", None) or {}, getattr(runner, "kept_outputs", None) or {}
+    if counts or fractions:  # an engine
         outputs = runner.run(feed)
-        return [{"block": block, "per_image": [int(n) for n in outputs[name]]} for block, name in counts.items()]
+        found = {"tokens_kept": [{"block": b, "per_image": [int(n) for n in outputs[name]]} for b, name in counts.items()],
+                 "attention_kept": [{"block": b, "per_image": [round(float(f), 4) for f in outputs[name]]}
+                                    for b, name in fractions.items()]}
+        return {k: v for k, v in found.items() if v}
     if Path(model).suffix != ".onnx":
-        return None
+        return {}
     from edgetok.onnx.validate import ort_session
 
-    outputs = sizes_outputs(model)
-    if not outputs:
-        return None
-    sizes = ort_session(model, extra_outputs=tuple(outputs.values())).run(None, feed)[-len(outputs):]
-    return [{"block": block, "per_image": per_image(size)} for block, size in zip(outputs, sizes)]
+    sizes, kept = sizes_outputs(model), attention_kept_outputs(model)
+    if not sizes and not kept:
+        return {}
+    extra = ort_session(model, extra_outputs=(*sizes.values(), *kept.values())).run(None, feed)[-len(sizes) - len(kept):]
+    found = {"tokens_kept": [{"block": b, "per_image": per_image(x)} for b, x in zip(sizes, extra)],
+             "attention_kept": [{"block": b, "per_image": [round(float(f), 4) for f in x]}
+                                for b, x in zip(kept, extra[len(sizes):])]}
+    return {k: v for k, v in found.items() if v}
 
 
 def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None = None) -> dict:
@@ -142,7 +149,7 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
         kept = tokens_kept(model, feed, runner)  # before set_inputs: an engine's run sets its own
         runner.set_inputs(feed)
         entries.append({"model": model, "label": label, "runner": runner, "batch": batch, "m": Measurement(),
-                        "tokens_kept": kept})
+                        "kept": kept})
 
     sampler = None
     if opts.device == "jetson":
@@ -169,7 +176,7 @@ def profile(opts: ProfileOptions, progress: Callable[[str, float], None] | None 
     for e in entries:
         report = {"name": e["label"], "model": e["model"], "runner": e["runner"].info(), "batch": e["batch"],
                   "precision": _precision(e["model"]), **e["m"].report(e["batch"]), **_sidecar_facts(e["model"]),
-                  **({"tokens_kept": e["tokens_kept"]} if e["tokens_kept"] else {})}
+                  **e["kept"]}
         if "Python reference ops" in report["runner"].get("plugins", ""):
             report["warnings"] = [*report["warnings"], report["runner"]["plugins"]]
         if sampler:
@@ -223,6 +230,9 @@ def summary(result: dict) -> str:
         )
         for kept in m.get("tokens_kept") or []:
             lines.append(f"  tokens kept after block {kept['block']}: {', '.join(map(str, kept['per_image']))} (per image)")
+        for kept in m.get("attention_kept") or []:
+            lines.append(f"  attention block pairs kept in block {kept['block']}: "
+                         f"{', '.join(f'{f:.0%}' for f in kept['per_image'])} (per image)")
         for w in m["warnings"]:
             lines.append(f"  warning: {w}")
     if result.get("jetson", {}).get("warning"):

@@ -142,6 +142,7 @@ class TensorRTEngineRunner(Runner):
 
         self.data_dependent = data_dependent_plugins(path)  # token counts follow the input: no CUDA graph
         self.count_outputs = engine_count_outputs(path)  # block -> output: the tokens each image kept there
+        self.kept_outputs = engine_count_outputs(path, "attention_kept_outputs")  # block-sparse attention's share
         if cuda_graphs and self.data_dependent:
             raise EdgetokError(f"{Path(path).name} has data-dependent shapes ({', '.join(self.data_dependent)}: the "
                                "token count follows the image), which a CUDA graph cannot capture; use --no-cuda-graphs")

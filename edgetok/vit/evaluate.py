@@ -12,7 +12,7 @@ import numpy as np
 
 from edgetok import sidecar
 from edgetok.errors import EdgetokError
-from edgetok.plugins.token_counts import attention_kept_outputs, engine_count_outputs, per_image, sizes_outputs
+from edgetok.plugins.token_counts import attention_kept_outputs, per_image, sizes_outputs
 from edgetok.runtime.runners import ENGINE_SUFFIXES
 
 
@@ -101,7 +101,7 @@ class Predictor:
             require_class_logits(model, ["logits"] if exported.get("num_classes") else [], exported.get("head"))
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
             self.tokens_kept = {block: [] for block in self.runner.count_outputs}
-            self.kept_outputs = engine_count_outputs(model, "attention_kept_outputs")
+            self.kept_outputs = self.runner.kept_outputs
             self.attention_kept = {block: [] for block in self.kept_outputs}
         else:
             from edgetok.vit.loading import load_vit

@@ -18,7 +18,6 @@ from edgetok.errors import EdgetokError
 from edgetok.vit.loading import LoadedViT
 from edgetok.vit.token_transform import apply_transform
 
-
 AFTER_REDUCTION = "biased_after_reduction"  # --plugins: SizeBiasedAttention where sizes exist (past a reduction)
 
 
