@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from edgetok.plugins.size_biased_attention import MAX_HEAD_DIM, scale_of
+from edgetok.plugins.size_biased_attention import INPUTS, SCALE, check_attention, scale_of
 from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
 
 MIN_BLOCK = 16  # the attention kernel's tile: a block is a whole number of tiles
@@ -42,28 +42,19 @@ def _output_shapes(dims: list[list], f: dict) -> list[list]:
 
 
 def _check(shapes: list[tuple[int, ...]], f: dict) -> None:
-    q, k, v, size = shapes
-    batch, heads, tokens, dim = q
-    if k != q or v != q:
-        raise PluginError(f"BlockSparseAttention: q {list(q)}, k {list(k)} and v {list(v)} must have one shape "
-                          "[B, H, N, D] (self-attention)")
-    if size != (batch, tokens, 1):
-        raise PluginError(f"BlockSparseAttention: size {list(size)} must be [{batch}, {tokens}, 1] for q {list(q)}")
-    if not 1 <= dim <= MAX_HEAD_DIM:
-        raise PluginError(f"BlockSparseAttention: head dim {dim} is not in 1..{MAX_HEAD_DIM}; use --attention dense")
+    check_attention("BlockSparseAttention", shapes, f)
+    tokens = shapes[0][2]
     block = f["block"]
     if block < MIN_BLOCK or block & (block - 1):
         raise PluginError(f"BlockSparseAttention: block={block} must be a power of two >= {MIN_BLOCK} (the kernel "
                           "tile), e.g. 64")
-    if tokens < 1 or math.ceil(tokens / block) > MAX_BLOCKS:
+    if math.ceil(tokens / block) > MAX_BLOCKS:
         raise PluginError(f"BlockSparseAttention: {tokens} tokens make {math.ceil(tokens / block)} blocks of {block}, "
                           f"more than {MAX_BLOCKS}; use a larger block (at least {_smallest_block(tokens)})")
     if not 0 < f["mass"] <= 1:
         raise PluginError(f"BlockSparseAttention: mass={f['mass']} must be in (0, 1], e.g. 0.95")
     if not 0 <= f["keep"] <= 1:
         raise PluginError(f"BlockSparseAttention: keep={f['keep']} must be in (0, 1] (or 0: select by mass)")
-    if not f["scale"] >= 0 or not np.isfinite(f["scale"]):
-        raise PluginError(f"BlockSparseAttention: scale={f['scale']} must be a finite number >= 0 (0: D^-0.5)")
     if f["prefix"] < 0:
         raise PluginError(f"BlockSparseAttention: prefix={f['prefix']} must be >= 0")
 
@@ -169,17 +160,12 @@ def _intermediates(inputs: list[np.ndarray], f: dict) -> dict[str, list[np.ndarr
 SPEC = register(PluginSpec(
     name="BlockSparseAttention",
     doc="training-free block-sparse attention: pooled block scores pick key blocks by mass; exact inside them",
-    fields=(Field("scale", float, 0.0, "logit scale; 0 means D^-0.5"),
+    fields=(SCALE,
             Field("block", int, 64, "tokens per block (a power of two >= 16)"),
             Field("mass", float, 0.95, "softmax mass of the pooled scores each query block keeps, in (0, 1]"),
             Field("keep", float, 0.0, "if > 0: keep this fraction of the key blocks instead of a mass"),
             Field("prefix", int, 1, "> 0: key block 0 (class/register tokens) is always kept")),
-    inputs=(
-        Tensor("q", 4, "queries [B, H, N, D]"),
-        Tensor("k", 4, "keys [B, H, N, D]"),
-        Tensor("v", 4, "values [B, H, N, D]"),
-        Tensor("size", 3, "patches each token stands for [B, N, 1]; 0 marks padding"),
-    ),
+    inputs=INPUTS,
     outputs=(
         Tensor("out", 4, "attention output [B, H, N, D]"),
         Tensor("kept", 1, "fraction of real block pairs attended, mean over heads [B]"),

@@ -28,21 +28,36 @@ def _output_shapes(dims: list[list], f: dict) -> list[list]:
     return [[batch, heads, tokens, dim], [batch, tokens]]
 
 
-def _check(shapes: list[tuple[int, ...]], f: dict) -> None:
+# What both attention plugins take: q, k, v, the token sizes, and the logit scale.
+INPUTS = (
+    Tensor("q", 4, "queries [B, H, N, D]"),
+    Tensor("k", 4, "keys [B, H, N, D]"),
+    Tensor("v", 4, "values [B, H, N, D]"),
+    Tensor("size", 3, "patches each token stands for [B, N, 1]; 0 marks padding"),
+)
+SCALE = Field("scale", float, 0.0, "logit scale; 0 means D^-0.5")
+
+
+def check_attention(name: str, shapes: list[tuple[int, ...]], f: dict) -> None:
+    """The checks both attention plugins share: self-attention shapes, sizes, head dim, scale."""
     q, k, v, size = shapes
     batch, heads, tokens, dim = q
     if k != q or v != q:
-        raise PluginError(f"SizeBiasedAttention: q {list(q)}, k {list(k)} and v {list(v)} must have one shape "
-                          "[B, H, N, D] (self-attention)")
+        raise PluginError(f"{name}: q {list(q)}, k {list(k)} and v {list(v)} must have one shape [B, H, N, D] "
+                          "(self-attention)")
     if size != (batch, tokens, 1):
-        raise PluginError(f"SizeBiasedAttention: size {list(size)} must be [{batch}, {tokens}, 1] for q {list(q)}")
+        raise PluginError(f"{name}: size {list(size)} must be [{batch}, {tokens}, 1] for q {list(q)}")
     if not 1 <= dim <= MAX_HEAD_DIM:
-        raise PluginError(f"SizeBiasedAttention: head dim {dim} is not in 1..{MAX_HEAD_DIM}; keep this block's "
-                          "attention as standard ops (--attention dense)")
+        raise PluginError(f"{name}: head dim {dim} is not in 1..{MAX_HEAD_DIM}; keep this block's attention as "
+                          "standard ops (--attention dense)")
     if tokens < 1:
-        raise PluginError(f"SizeBiasedAttention: q {list(q)} has no tokens")
+        raise PluginError(f"{name}: q {list(q)} has no tokens")
     if not f["scale"] >= 0 or not np.isfinite(f["scale"]):
-        raise PluginError(f"SizeBiasedAttention: scale={f['scale']} must be a finite number >= 0 (0: D^-0.5)")
+        raise PluginError(f"{name}: scale={f['scale']} must be a finite number >= 0 (0: D^-0.5)")
+
+
+def _check(shapes: list[tuple[int, ...]], f: dict) -> None:
+    check_attention("SizeBiasedAttention", shapes, f)
 
 
 def scale_of(dim: int, scale: float) -> float:
@@ -83,13 +98,8 @@ def _intermediates(inputs: list[np.ndarray], f: dict) -> dict[str, list[np.ndarr
 SPEC = register(PluginSpec(
     name="SizeBiasedAttention",
     doc="attention with + log(size) on every key's logits (size 0 masks a key), flash style; and the class row",
-    fields=(Field("scale", float, 0.0, "logit scale; 0 means D^-0.5"),),
-    inputs=(
-        Tensor("q", 4, "queries [B, H, N, D]"),
-        Tensor("k", 4, "keys [B, H, N, D]"),
-        Tensor("v", 4, "values [B, H, N, D]"),
-        Tensor("size", 3, "patches each token stands for [B, N, 1]; 0 marks padding"),
-    ),
+    fields=(SCALE,),
+    inputs=INPUTS,
     outputs=(
         Tensor("out", 4, "attention output [B, H, N, D]"),
         Tensor("class_attn", 2, "the class token's attention row, mean over heads [B, N]"),

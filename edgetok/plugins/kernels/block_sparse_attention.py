@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from edgetok.plugins.kernels.size_biased_attention import flash_tile
+
 # Block sizes, grids and the launch order: block_sparse_attention_plan.py (no Triton there).
 
 
@@ -120,20 +122,8 @@ def _sparse(q_ptr, k_ptr, v_ptr, size_ptr, selected_ptr, out_ptr, H, N, D, block
     for j in range(0, nb):
         if tl.load(selected_ptr + (bh * nb + i) * nb + j) != 0:
             for n0 in range(j * block, tl.minimum(j * block + block, N), TILE):
-                cols = n0 + tl.arange(0, TILE)
-                col_ok = cols < N
-                kv_ok = col_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
-                size = tl.load(size_ptr + (bh // H) * N + cols, mask=col_ok, other=0.0)
-                bias = tl.where(size > 0, tl.log(tl.where(size > 0, size, 1.0)), float("-inf"))
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale + bias[None, :]
-                new_top = tl.maximum(top, tl.max(s, axis=1))
-                rescale = tl.exp(top - new_top)
-                p = tl.exp(s - new_top[:, None])
-                total = total * rescale + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
-                acc = acc * rescale[:, None] + tl.dot(p, v, input_precision="ieee")
-                top = new_top
+                top, total, acc = flash_tile(q, k_ptr, v_ptr, size_ptr, base, (bh // H) * N, n0 + tl.arange(0, TILE),
+                                             N, D, dims, d_ok, scale, top, total, acc)
     tl.store(out_ptr + base + rows[:, None] * D + dims[None, :], acc / total[:, None],
              mask=row_ok[:, None] & d_ok[None, :])
 

@@ -24,6 +24,24 @@ import triton.language as tl
 
 
 @triton.jit
+def flash_tile(q, k_ptr, v_ptr, size_ptr, base, size_base, cols, N, D, dims, d_ok, scale, top, total, acc):
+    """One key tile (``cols``) of flash attention's online softmax: logits q·kᵀ·scale + log size (−inf for
+    size 0), the running max ``top`` and sum ``total`` updated, ``acc`` rescaled and accumulated. Shared with
+    the block-sparse kernel, which calls it for the tiles of the kept blocks only."""
+    col_ok = cols < N
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
+    size = tl.load(size_ptr + size_base + cols, mask=col_ok, other=0.0)
+    bias = tl.where(size > 0, tl.log(tl.where(size > 0, size, 1.0)), float("-inf"))
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale + bias[None, :]
+    new_top = tl.maximum(top, tl.max(s, axis=1))
+    rescale = tl.exp(top - new_top)
+    p = tl.exp(s - new_top[:, None])
+    v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
+    return new_top, total * rescale + tl.sum(p, axis=1), acc * rescale[:, None] + tl.dot(p, v, input_precision="ieee")
+
+
+@triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
@@ -37,20 +55,8 @@ def _attend(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, H, N, D, scale,
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
-        size = tl.load(size_ptr + (bh // H) * N + cols, mask=col_ok, other=0.0)
-        bias = tl.where(size > 0, tl.log(tl.where(size > 0, size, 1.0)), float("-inf"))
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale + bias[None, :]
-        new_top = tl.maximum(top, tl.max(s, axis=1))
-        rescale = tl.exp(top - new_top)
-        p = tl.exp(s - new_top[:, None])
-        total = total * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(p, v, input_precision="ieee")
-        top = new_top
+        top, total, acc = flash_tile(q, k_ptr, v_ptr, size_ptr, base, (bh // H) * N, n0 + tl.arange(0, BLOCK_N), N, D,
+                                     dims, d_ok, scale, top, total, acc)
     tl.store(out_ptr + base + rows[:, None] * D + dims[None, :], acc / total[:, None],
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + bh * N + rows, top + tl.log(total), mask=row_ok)
