@@ -218,3 +218,5 @@ def test_profile_records_the_attention_pairs_kept(capsys, tmp_path, heldout):
     assert [k["block"] for k in kept] == list(range(6)) and all(len(k["per_image"]) == 4 for k in kept)
     assert all(0 < f <= 1 for k in kept for f in k["per_image"]) and "tokens_kept" not in report
     assert "attention block pairs kept in block 0:" in out
+    flops = report["flops"]  # what these four images cost, from what they kept
+    assert flops["reduced_gmacs"] < flops["dense_gmacs"] and flops["reduced_gmacs_from"].startswith("the 4 profiled")

@@ -216,15 +216,9 @@ def _gmacs_per_image(model: str, predictor, images: int) -> list[float] | None:
     tokens, kept = getattr(predictor, "tokens_kept", {}), getattr(predictor, "attention_kept", {})
     if not tokens and not kept:
         return None
-    from types import SimpleNamespace
+    from edgetok.vit.flops import record_gmacs
 
-    from edgetok.vit.flops import per_image_gmacs
-
-    record = export_record(model)
-    dims = record.get("model") or {}
-    if "attn_dim" not in dims:  # an export from before these were recorded
-        return None
-    return per_image_gmacs(SimpleNamespace(**dims), record["reduction"]["tokens_per_layer"], tokens, kept, images)
+    return record_gmacs(export_record(model), tokens, kept, images)
 
 
 def record_accuracy(model: str, evaluated_sha256: str, result: dict) -> str | None:

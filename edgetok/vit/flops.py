@@ -24,6 +24,18 @@ def vit_macs(vit: LoadedViT, tokens: list[tuple[int, int]], attention_kept: list
     return embed + blocks + vit.embed_dim * vit.num_classes
 
 
+def record_gmacs(record: dict, tokens_kept: dict, attention_kept: dict, images: int) -> list[float] | None:
+    """Each image's GMACs from an export record (sidecar, or an engine report's copy) and what the images kept;
+    None for an export made before the model's dimensions were recorded."""
+    from types import SimpleNamespace
+
+    dims = record.get("model") or {}
+    if "attn_dim" not in dims:
+        return None
+    return per_image_gmacs(SimpleNamespace(**dims), record["reduction"]["tokens_per_layer"], tokens_kept,
+                           attention_kept, images)
+
+
 def per_image_gmacs(vit, tokens_per_layer: list, tokens_kept: dict, attention_kept: dict, images: int) -> list[float]:
     """GMACs of each image from what it kept: ``tokens_kept`` {block: [tokens after that block, per image]}
     (data-dependent steps; other blocks keep ``tokens_per_layer``), ``attention_kept`` {block: [fraction, per
