@@ -60,7 +60,7 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @export.command("vit")
 @click.argument("model")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .pth/.safetensors weights for a timm name.")
-@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome"]), default="none", show_default=True)
+@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome", "pitome"]), default="none", show_default=True)
 @click.option("--r", "r", type=int, help="ToMe: tokens merged in every block; dtome: the mean its calibration aims at.")
 @click.option("--r-schedule", help="ToMe: '(r, inflect)' e.g. '(16, -1)' (decreasing), or a per-block list '16,16,8'.")
 @click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1].")

@@ -108,13 +108,53 @@ def evit_fuse(x, sizes, q, k, scale, kept: int, prefix: int, stats: dict):
     return torch.stack(rows), new_sizes
 
 
+def pitome_merge(x, sizes, k, r: int, prefix: int, margin: float, stats: dict):
+    """PiToMe as Tran et al. (NeurIPS 2024) describe it and their released merge.py does it.
+
+    1. The metric: keys averaged over heads, L2-normalised, of the non-prefix tokens.
+    2. Energy of token i: the mean over all j of ELU(cos(i, j) - margin).
+    3. Tokens by energy, highest first (equal energies by position); the first 2r alternate A, B, ...;
+       the rest are protected.
+    4. Each A token merges into its most similar B token (equal similarities: the earlier B); size-weighted.
+    5. Output: the prefix tokens, the protected ones (energy order), then B (energy order).
+    """
+    metric = k.mean(dim=0)[prefix:]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    n = metric.shape[0]
+    cos = [[float(metric[i] @ metric[j]) for j in range(n)] for i in range(n)]
+
+    def elu(v):
+        return v if v > 0 else math.exp(v) - 1.0
+
+    energy = [sum(elu(cos[i][j] - margin) for j in range(n)) / n for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-energy[i], i))
+    for i, j in zip(order, order[1:]):
+        note_gap(stats, energy[i] - energy[j])
+    set_a, set_b, protected = order[0:2 * r:2], order[1:2 * r:2], order[2 * r:]
+    groups = {b: [b] for b in set_b}
+    for a in set_a:
+        ranked = sorted(set_b, key=lambda b: -cos[a][b])
+        if len(ranked) > 1:
+            note_gap(stats, cos[a][ranked[0]] - cos[a][ranked[1]])
+        groups[ranked[0]].append(a)
+    rows = [x[i] for i in range(prefix)] + [x[prefix + i] for i in protected]
+    new_sizes = [sizes[i] for i in range(prefix)] + [sizes[prefix + i] for i in protected]
+    for b in set_b:
+        members = [prefix + m for m in groups[b]]
+        total = sum(sizes[m] for m in members)
+        rows.append(sum(sizes[m] * x[m] for m in members) / total)
+        new_sizes.append(total)
+    return torch.stack(rows), new_sizes
+
+
 def note_gap(stats: dict, gap: float) -> None:
     """Remember the closest call: a gap near rounding error means the choice is a near-tie."""
     stats["min_gap"] = min(stats.get("min_gap", math.inf), gap)
 
 
 @torch.no_grad()
-def reference_forward(model, images, method: str = "none", r_per_layer=None, keep_rate=None, keep_layers=()):
+def reference_forward(model, images, method: str = "none", r_per_layer=None, keep_rate=None, keep_layers=(),
+                      margins=None):
     """Logits of ``model`` (an unpatched timm VisionTransformer) with the method applied.
 
     Returns (logits [B, classes], tokens entering each block's MLP for the first image, stats).
@@ -129,9 +169,11 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
         sizes = [1.0] * x.shape[0]
         image_counts = []
         for layer, block in enumerate(model.blocks):
-            out, q, k = attention(block, x, sizes, proportional=method == "tome")
+            out, q, k = attention(block, x, sizes, proportional=method in ("tome", "pitome"))
             x = x + block.ls1(out)
-            if method == "tome" and r_per_layer[layer] > 0:
+            if method == "pitome" and r_per_layer[layer] > 0:
+                x, sizes = pitome_merge(x, sizes, k, r_per_layer[layer], prefix, margins[layer], stats)
+            elif method == "tome" and r_per_layer[layer] > 0:
                 x, sizes = tome_merge(x, sizes, k, r_per_layer[layer], prefix, class_token, distill_token, stats)
             elif method == "evit" and layer in keep_layers:
                 kept = math.ceil(keep_rate * (x.shape[0] - prefix))

@@ -257,6 +257,7 @@ class TorchRunner(Runner):
             name, checkpoint, img_size = side["model"]["name"], side["model"].get("checkpoint"), side["model"]["img_size"]
             method = red.pop("method")
             kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
+                      "pitome": {"r_schedule": red.get("r_per_layer")},
                       "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")},
                       "ats": {"ats_blocks": red.get("ats_blocks"), "ats_budget": red.get("ats_budget")},
                       "dtome": {"r_schedule": red.get("target_r_per_layer"), "thresholds": red.get("thresholds"),

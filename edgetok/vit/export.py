@@ -62,7 +62,8 @@ def default_output(opts: ViTExportOptions) -> Path:
     tag = {"none": "dense", "tome": f"tome_r{opts.r if opts.r is not None else 'sched'}",
            "evit": f"evit_k{opts.keep_rate}",
            "ats": f"ats_b{opts.ats_budget if opts.ats_budget is not None else 1.0}",
-           "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}"}.get(opts.method, opts.method)
+           "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}",
+           "pitome": f"pitome_r{opts.r}" if opts.r is not None else f"pitome_k{opts.keep_rate}"}.get(opts.method, opts.method)
     if opts.plugins:
         tag += "_plugins"
     if opts.attention not in (None, "dense"):

@@ -81,7 +81,9 @@ class _ReducingMixin:
             x, state.size = state.method.plugin_step(amount, taps.pop("k"), x, size, state.prefix, state.class_token)
             taps.pop("q")
             return x
-        step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix, state.class_token)
+        layer = {"layer": self._edgetok_layer} if getattr(state.method, "per_layer", False) else {}
+        step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix, state.class_token,
+                                      **layer)
         taps.pop("q"), taps.pop("k")
         if step is None:
             return x

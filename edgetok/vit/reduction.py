@@ -10,7 +10,7 @@ from edgetok.vit.loading import LoadedViT
 from edgetok.vit.patch import patch_blocks
 from edgetok.vit.tome import ToMe, parse_r_schedule
 
-METHODS = ("none", "tome", "evit", "ats", "dtome")
+METHODS = ("none", "tome", "evit", "ats", "dtome", "pitome")
 
 
 @dataclass
@@ -73,6 +73,17 @@ def make_method(
 
         return make_dtome(depth, r, r_schedule, None if thresholds is None else
                           [float("inf") if t is None else t for t in thresholds], cap)
+    if name == "pitome":
+        if keep_layers is not None:
+            raise EdgetokError("--keep-layers is an EViT option; --method pitome takes --r, --r-schedule or --keep-rate")
+        if r is not None and r_schedule is not None:
+            raise EdgetokError("give --r or --r-schedule, not both")
+        if r is not None and r < 0:
+            raise EdgetokError(f"--r {r} must be >= 0")
+        from edgetok.vit.pitome import PiToMe
+
+        given = r if r is not None else r_schedule
+        return PiToMe(None if given is None else parse_r_schedule(given, depth)[0], keep_rate, depth)
     if name == "ats":
         if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
             raise EdgetokError("--method ats takes --ats-blocks and --ats-budget (not --r/--keep-rate)")

@@ -128,6 +128,14 @@ def bipartite_match(metric, prefix: int, valid=None) -> Matching:
     return Matching(best, match, a_start, b_start, b.shape[1])
 
 
+def rank_descending(scores: torch.Tensor) -> torch.Tensor:
+    """Indices that sort ``scores`` [B, N] from the highest, equal scores by position: ONNX TopK's rule (what
+    an export runs), and a stable sort in eager PyTorch (torch.topk orders ties arbitrarily)."""
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(scores.shape[-1], dim=-1).indices
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
 def bipartite_transform(metric, r: int, prefix: int, class_token: bool) -> TokenTransform:
     """Bipartite soft matching on ``metric`` [B, N, D] (the keys averaged over heads).
 
@@ -142,10 +150,7 @@ def bipartite_transform(metric, r: int, prefix: int, class_token: bool) -> Token
     """
     best, match, a_start, b_start, n_b = bipartite_match(metric, prefix)
     n_a = best.shape[1]
-    if torch.onnx.is_in_onnx_export():
-        order = best.topk(n_a, dim=-1).indices  # A tokens by how well they match, best first
-    else:
-        order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    order = rank_descending(best)  # A tokens by how well they match, best first
     src_a, unmerged_a = order[:, :r], order[:, r:]
     if class_token:
         unmerged_a = unmerged_a.topk(n_a - r, dim=-1, largest=False).values  # original order

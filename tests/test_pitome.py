@@ -1,0 +1,104 @@
+"""PiToMe: the patched model equals a loop-by-loop reading of the paper and its released code
+(tests/reference_impl.py), prefix tokens of every kind protected; --keep-rate plans r per block; zero
+reduction is the model; ONNX Runtime parity on real digits; a TensorRT-RTX build; bad options in one line."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from cli_assertions import assert_one_line_error, run_cli
+from reference_impl import reference_forward
+from test_reference import ATOL, CONFIGS, MIN_GAP, build
+
+from edgetok.vit.loading import from_timm
+from edgetok.vit.pitome import margins
+from edgetok.vit.reduction import make_method, reduce_vit
+
+
+def _compare(config, **kw):
+    model = build(config)
+    ref_model = copy.deepcopy(model)
+    vit = from_timm(model, config)
+    plan = reduce_vit(vit, make_method("pitome", vit.depth, **kw))
+    images = torch.randn(3, 3, vit.img_size, vit.img_size, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    with torch.no_grad():
+        out = vit.module(images)
+    r_list = plan.params["r_per_layer"]
+    ref, counts, stats = reference_forward(ref_model, images, "pitome", r_per_layer=r_list, margins=margins(vit.depth))
+    assert stats.get("min_gap", math.inf) > MIN_GAP, f"near-tie in the reference's choices: {stats}"
+    assert counts == [after for _, after in plan.tokens]
+    assert (out - ref).abs().max().item() < ATOL
+    return r_list
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_the_loop_reference(config):
+    assert sum(_compare(config, r=2)) > 0
+
+
+def test_keep_rate_plans_r_from_the_tokens_left():
+    """floor(T - T*0.75) of the T non-prefix tokens in each block: 16 -> 4, 12 -> 3, 9 -> 2, 7 -> 1."""
+    assert _compare("vit17", keep_rate=0.75) == [4, 3, 2, 1]
+
+
+def test_zero_reduction_is_the_model_exactly():
+    model = build("registers")
+    vit = from_timm(copy.deepcopy(model), "registers")
+    reduce_vit(vit, make_method("pitome", vit.depth, r=0))
+    x = torch.randn(2, 3, vit.img_size, vit.img_size, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(vit.module(x), model(x))
+
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    from edgetok.vit.export import ViTExportOptions, export_vit
+
+    return export_vit(ViTExportOptions(model="edgetok_digits_vit", method="pitome", r=6,
+                                       output=str(tmp_path_factory.mktemp("p") / "p.onnx")))
+
+
+def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
+    from edgetok.onnx.validate import ort_session
+    from edgetok.vit.digits import write_heldout_folder
+    from edgetok.vit.evaluate import image_folder
+    from edgetok.vit.loading import load_vit
+
+    vit = load_vit("edgetok_digits_vit")
+    reduce_vit(vit, make_method("pitome", vit.depth, r=6))
+    dataset = image_folder(write_heldout_folder(tmp_path / "h")["path"], vit.preprocessing)
+    x = np.stack([dataset[i][0].numpy() for i in range(0, 539, 50)])
+    with torch.no_grad():
+        want = vit.module(torch.from_numpy(x)).numpy()
+    assert np.abs(ort_session(digits_export["path"]).run(None, {"pixel_values": x})[0] - want).max() <= 1e-4
+    red = digits_export["reduction"]
+    assert red["method"] == "pitome" and red["r_per_layer"] == [6] * 6 and len(red["margins"]) == 6
+    assert digits_export["flops"]["reduced_gmacs"] < digits_export["flops"]["dense_gmacs"]
+
+
+def test_export_builds_with_tensorrt_rtx(capsys, digits_export, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    code, out, err = run_cli(capsys, "build-engine", digits_export["path"], "--backend", "tensorrt-rtx", "--batch",
+                             "1:4:8", "-o", str(tmp_path / "p.engine"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "p.engine.build.json").read_text())["network_outputs"][0]["shape"] == [-1, 10]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--r", "40"], "r=40 is too large for block 0: it has 64 mergeable tokens, so r can be at most 32"),
+    (["--keep-rate", "1.5"], "--keep-rate 1.5 is out of range"),
+    ([], "--method pitome takes --r N (tokens merged per block) or --keep-rate F, one of them"),
+    (["--r", "4", "--keep-rate", "0.9"], "--method pitome takes --r N (tokens merged per block) or --keep-rate F"),
+    (["--r-schedule", "1,2,3,4,5,6,7"], "7 entries"),
+    (["--r", "4", "--keep-layers", "2"], "--keep-layers is an EViT option"),
+    (["--r", "4", "--ats-blocks", "2"], "--ats-blocks/--ats-budget are ATS options"),
+])
+def test_bad_options_are_one_line_and_write_nothing(capsys, tmp_path, args, message):
+    code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "pitome", *args,
+                           "-o", str(tmp_path / "x.onnx"))
+    assert_one_line_error(code, err, message)
+    assert not list(tmp_path.iterdir())
