@@ -102,3 +102,24 @@ def test_bad_options_are_one_line_and_write_nothing(capsys, tmp_path, args, mess
                            "-o", str(tmp_path / "x.onnx"))
     assert_one_line_error(code, err, message)
     assert not list(tmp_path.iterdir())
+
+
+def test_constant_r_is_clamped_in_late_blocks_as_tomes():
+    """r=4 on 17 tokens: the last block has only 4 mergeable tokens, so r is clamped to 2 there."""
+    assert _compare("vit17", r=4) == [4, 4, 4, 2]
+
+
+def test_deit_small_recipes_sit_at_tomes_gmacs():
+    """The two DeiT-S recipes: about 3.0 and 2.3 GMACs, each equal to ToMe at the same r."""
+    from edgetok import recipe
+    from edgetok.vit.export import ViTExportOptions
+    from edgetok.vit.flops import vit_macs
+    from edgetok.vit.loading import load_vit
+    from edgetok.vit.reduction import plan
+
+    vit = load_vit("deit_small_patch16_224")
+    for name, want in (("deit_small_pitome_r11", 2.986), ("deit_small_pitome_r16", 2.291)):
+        values = recipe.section(recipe.load(name, lambda s: None), "export", ViTExportOptions.fields(), name)
+        assert values["method"] == "pitome"
+        gmacs = [vit_macs(vit, plan(vit, make_method(m, vit.depth, r=values["r"])).tokens) / 1e9 for m in ("pitome", "tome")]
+        assert round(gmacs[0], 3) == round(gmacs[1], 3) == want

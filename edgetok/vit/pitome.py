@@ -5,7 +5,8 @@ each token's energy is the mean over all tokens of ELU(cos − m_l), with a marg
 (the reference's DeiT patch: m_l = 0.9 − 0.8·l/L). Tokens sorted by energy, highest first (the most
 redundant): the first 2r split alternately into A and B, every A token merges into its most similar B token
 (size-weighted), and the other T − 2r are protected. Output order as the reference's: prefix, protected (by
-energy), B. r per block is ``--r`` or ``floor(T − T·keep_rate)`` of the T tokens there (``--keep-rate``).
+energy), B. r per block is ``--r`` (a constant r is clamped in late blocks, as ToMe's), ``--r-schedule``, or
+``floor(T − T·keep_rate)`` of the T tokens there (``--keep-rate``).
 Ties rank by position (ONNX TopK's rule), as ToMe's do here. Prefix tokens (class, distillation, registers)
 are never merged; the reference leaves out only the class token.
 """
@@ -31,12 +32,12 @@ class PiToMe:
     proportional_attention = True
     per_layer = True  # its step depends on the block (the margin)
 
-    def __init__(self, r: list[int] | None, keep_rate: float | None, depth: int):
+    def __init__(self, r: list[int] | None, keep_rate: float | None, depth: int, clamp: bool = False):
         if (r is None) == (keep_rate is None):
             raise EdgetokError("--method pitome takes --r N (tokens merged per block) or --keep-rate F, one of them")
         if keep_rate is not None and not 0.0 < keep_rate <= 1.0:
             raise EdgetokError(f"--keep-rate {keep_rate} is out of range: give a value in (0, 1], e.g. 0.9")
-        self.r, self.keep_rate, self.margins = r, keep_rate, margins(depth)
+        self.r, self.keep_rate, self.margins, self.clamp = r, keep_rate, margins(depth), clamp
 
     def params(self, amounts: list[int]) -> dict:
         return {"r_per_layer": amounts, "keep_rate": self.keep_rate, "margins": [round(m, 6) for m in self.margins],
@@ -46,6 +47,8 @@ class PiToMe:
         """(r merged in this block, tokens left)."""
         candidates = tokens - prefix
         r = self.r[layer] if self.r is not None else math.floor(candidates - candidates * self.keep_rate)
+        if r > candidates // 2 and self.clamp and layer > 0:  # a constant --r, as ToMe: what the block can merge
+            r = candidates // 2
         if r > candidates // 2:
             raise EdgetokError(f"r={r} is too large for block {layer}: it has {candidates} mergeable tokens, so r can "
                                f"be at most {candidates // 2}; lower --r")

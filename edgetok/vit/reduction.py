@@ -83,7 +83,8 @@ def make_method(
         from edgetok.vit.pitome import PiToMe
 
         given = r if r is not None else r_schedule
-        return PiToMe(None if given is None else parse_r_schedule(given, depth)[0], keep_rate, depth)
+        schedule, clamp = parse_r_schedule(given, depth) if given is not None else (None, False)
+        return PiToMe(schedule, keep_rate, depth, clamp)
     if name == "ats":
         if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
             raise EdgetokError("--method ats takes --ats-blocks and --ats-budget (not --r/--keep-rate)")
