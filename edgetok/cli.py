@@ -60,7 +60,7 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @export.command("vit")
 @click.argument("model")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .pth/.safetensors weights for a timm name.")
-@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome", "pitome"]), default="none", show_default=True)
+@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome", "pitome", "gtp"]), default="none", show_default=True)
 @click.option("--r", "r", type=int, help="ToMe: tokens merged in every block; dtome: the mean its calibration aims at.")
 @click.option("--r-schedule", help="ToMe: '(r, inflect)' e.g. '(16, -1)' (decreasing), or a per-block list '16,16,8'.")
 @click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1].")
@@ -69,6 +69,9 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--ats-budget", type=float, help="ATS: tokens kept at most (with the class token), or a fraction (default 1.0).")
 @click.option("--calibrate", type=click.Path(), help="dtome: image folder its per-block thresholds are calibrated on.")
 @click.option("--cap", type=int, help="dtome: at most this many merges per image and block.")
+@click.option("--propagate", help="gtp: tokens propagated and removed per block, e.g. 8, or a list 8,8,4.")
+@click.option("--alpha", type=float, help="gtp: weight of the propagated tokens (default 0.1).")
+@click.option("--graph", help="gtp: spatial (8 grid neighbours, default), semantic (8 most similar) or mixed.")
 @click.option("--img-size", type=int, help="Input resolution (a multiple of the patch size).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch for export (batch stays dynamic).")
 @click.option("--opset", type=int, default=17, show_default=True)
@@ -84,8 +87,8 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--attention-keep", type=float, help="sparse: keep this fraction of key blocks instead of a mass.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
 def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
-                   cap, img_size, batch, opset, allow_unsupported_ops, plugins, attention, attention_block, attention_mass,
-                   attention_keep, output) -> None:
+                   cap, propagate, alpha, graph, img_size, batch, opset, allow_unsupported_ops, plugins, attention,
+                   attention_block, attention_mass, attention_keep, output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
@@ -93,7 +96,8 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
         model=model, checkpoint=checkpoint, method=method, r=r, r_schedule=r_schedule, keep_rate=keep_rate,
         keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks),
         ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
-        calibrate=calibrate, cap=cap, img_size=img_size, batch=batch, opset=opset, output=output,
+        calibrate=calibrate, cap=cap, propagate=propagate, alpha=alpha, graph=graph, img_size=img_size, batch=batch,
+        opset=opset, output=output,
         allow_unsupported_ops=allow_unsupported_ops, plugins=plugins, attention=attention,
         attention_block=attention_block, attention_mass=attention_mass, attention_keep=attention_keep,
     )

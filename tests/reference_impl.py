@@ -147,6 +147,76 @@ def pitome_merge(x, sizes, k, r: int, prefix: int, margin: float, stats: dict):
     return torch.stack(rows), new_sizes
 
 
+def gtp_graph(x, prefix: int, kind: str, neighbours: int = 8):
+    """GTP's graph over one image's embedded patch tokens, entry by entry: spatial (grid cells touching,
+    itself excluded), semantic (j at or above i's (k+1)-th largest cosine similarity, itself excluded) or
+    either; then D^-1/2 G D^-1/2 with D the row sums."""
+    patches = x[prefix:]
+    n = patches.shape[0]
+    side = math.isqrt(n)
+    unit = patches / patches.norm(dim=-1, keepdim=True)
+    cos = [[float(unit[i] @ unit[j]) for j in range(n)] for i in range(n)]
+    graph = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        cut = sorted(cos[i], reverse=True)[neighbours]
+        for j in range(n):
+            near = abs(i // side - j // side) <= 1 and abs(i % side - j % side) <= 1
+            similar = cos[i][j] >= cut
+            linked = {"spatial": near, "semantic": similar, "mixed": near or similar}[kind]
+            graph[i][j] = 1.0 if linked and i != j else 0.0
+    degree = [sum(row) for row in graph]
+    return [[graph[i][j] / math.sqrt(degree[i] * degree[j]) if graph[i][j] else 0.0 for j in range(n)] for i in range(n)]
+
+
+def gtp_propagate(x, sizes, q, k, scale, graph, p: int, prefix: int, alpha: float, stats: dict):
+    """One GTP step on one image: rank = max over heads of A[i, i] times max over heads of the attention token
+    i receives (A with log(size), all queries); the p lowest-ranked patch tokens are removed and each kept
+    token (in rank order, highest first) adds alpha * graph[kept, removed] * removed, tokens and sizes alike."""
+    logits = (q @ k.transpose(-2, -1)) * scale + torch.tensor(sizes, dtype=x.dtype).log()[None, None, :]
+    attn = logits.softmax(dim=-1)  # [H, N, N]
+    n = x.shape[0]
+    rank = {}
+    for i in range(prefix, n):
+        rank[i] = max(float(attn[h, i, i]) for h in range(attn.shape[0])) * \
+            max(float(attn[h, :, i].sum()) for h in range(attn.shape[0]))
+    order = sorted(rank, key=lambda i: (-rank[i], i))
+    for i, j in zip(order, order[1:]):
+        note_gap(stats, rank[i] - rank[j])
+    kept, gone = order[:-p], order[-p:]
+    rows = [x[i] for i in range(prefix)]
+    new_sizes = [sizes[i] for i in range(prefix)]
+    for i in kept:
+        w = [graph[i - prefix][j - prefix] for j in gone]
+        rows.append(x[i] + alpha * sum(wj * x[j] for wj, j in zip(w, gone)))
+        new_sizes.append(sizes[i] + alpha * sum(wj * sizes[j] for wj, j in zip(w, gone)))
+    new_graph = [[graph[i - prefix][j - prefix] for j in kept] for i in kept]
+    return torch.stack(rows), new_sizes, new_graph
+
+
+@torch.no_grad()
+def gtp_forward(model, images, propagate, alpha: float, kind: str):
+    """Logits with GTP in every block (``propagate``: tokens per block), and the tokens entering each MLP."""
+    prefix = model.num_prefix_tokens
+    stats: dict = {}
+    outputs, counts = [], []
+    for image in images:
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+        graph = gtp_graph(x, prefix, kind)
+        sizes = [1.0] * x.shape[0]
+        image_counts = []
+        for layer, block in enumerate(model.blocks):
+            out, q, k = attention(block, x, sizes, proportional=True)
+            x = x + block.ls1(out)
+            if propagate[layer]:
+                x, sizes, graph = gtp_propagate(x, sizes, q, k, block.attn.scale, graph, propagate[layer], prefix,
+                                                alpha, stats)
+            image_counts.append(x.shape[0])
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        outputs.append(model.forward_head(model.norm(x[None]))[0])
+        counts = counts or image_counts
+    return torch.stack(outputs), counts, stats
+
+
 def note_gap(stats: dict, gap: float) -> None:
     """Remember the closest call: a gap near rounding error means the choice is a near-tie."""
     stats["min_gap"] = min(stats.get("min_gap", math.inf), gap)

@@ -258,6 +258,8 @@ class TorchRunner(Runner):
             method = red.pop("method")
             kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
                       "pitome": {"r_schedule": red.get("r_per_layer")},
+                      "gtp": {"propagate": red.get("propagate_per_layer"), "alpha": red.get("alpha"),
+                              "graph": red.get("graph")},
                       "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")},
                       "ats": {"ats_blocks": red.get("ats_blocks"), "ats_budget": red.get("ats_budget")},
                       "dtome": {"r_schedule": red.get("target_r_per_layer"), "thresholds": red.get("thresholds"),

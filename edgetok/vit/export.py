@@ -38,6 +38,9 @@ class ViTExportOptions:
     ats_budget: float | None = None
     calibrate: str | None = None  # dtome: image folder its thresholds are calibrated on
     cap: int | None = None  # dtome: at most this many merges per image and block
+    propagate: str | None = None  # gtp: tokens propagated per block ("8" or "8,8,4,...")
+    alpha: float | None = None  # gtp: weight of the propagated tokens (default 0.1)
+    graph: str | None = None  # gtp: spatial | semantic | mixed (default spatial)
     img_size: int | None = None
     batch: int = 1
     opset: int = 17
@@ -63,7 +66,8 @@ def default_output(opts: ViTExportOptions) -> Path:
            "evit": f"evit_k{opts.keep_rate}",
            "ats": f"ats_b{opts.ats_budget if opts.ats_budget is not None else 1.0}",
            "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}",
-           "pitome": f"pitome_r{opts.r}" if opts.r is not None else f"pitome_k{opts.keep_rate}"}.get(opts.method, opts.method)
+           "pitome": f"pitome_r{opts.r}" if opts.r is not None else f"pitome_k{opts.keep_rate}",
+           "gtp": f"gtp_p{opts.propagate}".replace(",", "-")}.get(opts.method, opts.method)
     if opts.plugins:
         tag += "_plugins"
     if opts.attention not in (None, "dense"):
@@ -87,7 +91,7 @@ def sparsity_of(opts: ViTExportOptions):
 
 
 REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
-                "calibrate", "cap", "img_size", "plugins", "attention",
+                "calibrate", "cap", "propagate", "alpha", "graph", "img_size", "plugins", "attention",
                 "attention_block", "attention_mass", "attention_keep")
 
 
@@ -139,7 +143,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                            "`edgetok data digits --split train`")
     method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
                          opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap,
-                         defaults=vit.method_defaults)
+                         defaults=vit.method_defaults, propagate=opts.propagate, alpha=opts.alpha, graph=opts.graph)
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")

@@ -164,6 +164,8 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
                 f"{vit.name} uses {type(block).__name__} blocks, which edgetok cannot reduce yet; "
                 "use --method none or a model built from timm Block / HF ViTLayer"
             )
+        if layer == 0 and hasattr(method, "start"):  # a method that looks at the embedded tokens first (GTP)
+            block.register_forward_pre_hook(lambda module, args: method.start(args[0], state.prefix))
         block._edgetok_state = state
         block._edgetok_layer = layer
         block._edgetok_taps = taps

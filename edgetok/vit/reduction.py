@@ -10,7 +10,7 @@ from edgetok.vit.loading import LoadedViT
 from edgetok.vit.patch import patch_blocks
 from edgetok.vit.tome import ToMe, parse_r_schedule
 
-METHODS = ("none", "tome", "evit", "ats", "dtome", "pitome")
+METHODS = ("none", "tome", "evit", "ats", "dtome", "pitome", "gtp")
 
 
 @dataclass
@@ -38,11 +38,16 @@ def make_method(
     thresholds: list | None = None,
     cap: int | None = None,
     defaults: dict | None = None,
+    propagate: str | int | list | None = None,
+    alpha: float | None = None,
+    graph: str | None = None,
 ):
     """The method object for ``name`` (None for ``none``), from CLI/recipe parameters; ``tokens`` is the
     model's token count (ATS samples from it); ``defaults`` the model's own defaults for options not given."""
     if (thresholds is not None or cap is not None) and name != "dtome":
         raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
+    if (propagate is not None or alpha is not None or graph is not None) and name != "gtp":
+        raise EdgetokError("--propagate/--alpha/--graph are GTP options; they need --method gtp")
     ats_given = ats_blocks is not None or ats_budget is not None
     if ats_given and name != "ats":
         raise EdgetokError("--ats-blocks/--ats-budget are ATS options; they need --method ats")
@@ -73,6 +78,14 @@ def make_method(
 
         return make_dtome(depth, r, r_schedule, None if thresholds is None else
                           [float("inf") if t is None else t for t in thresholds], cap)
+    if name == "gtp":
+        if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
+            raise EdgetokError("--method gtp takes --propagate P, --alpha and --graph (not --r/--keep-rate)")
+        if propagate is None:
+            raise EdgetokError("--method gtp needs --propagate P (tokens propagated and removed per block), e.g. 8")
+        from edgetok.vit.gtp import GTP, parse_propagate
+
+        return GTP(parse_propagate(propagate, depth), 0.1 if alpha is None else alpha, graph or "spatial")
     if name == "pitome":
         if keep_layers is not None:
             raise EdgetokError("--keep-layers is an EViT option; --method pitome takes --r, --r-schedule or --keep-rate")

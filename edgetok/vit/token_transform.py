@@ -5,6 +5,9 @@ which tokens survive (``keep``), which tokens are folded into another one (``src
 with what weight. Output token ``j`` is the weighted average of the kept token ``keep[j]`` (if
 ``j < len(keep)``) and every ``src[m]`` with ``dst[m] == j``; rows past ``len(keep)`` are new tokens
 made only of sources (EViT's fused token). Sizes (how many patches a token stands for) add up.
+Many-to-many steps (GTP's graph propagation) give a ``mix`` matrix instead of ``dst``: source m enters row j
+with weight mix[j, m]; with ``normalize=False`` the rows are the weighted sums themselves (kept token with
+weight 1), not averages — GTP's x_kept + α·W·x_prop, sizes likewise.
 
 It is realised here once, with export-friendly ops only: GatherElements for the kept and moved
 tokens and a one-hot MatMul for the merge (no ScatterElements/ScatterND with reduction, no
@@ -30,6 +33,9 @@ class TokenTransform:
     dst: torch.Tensor | None = None  # [B, M] int64: output row each source goes to
     num_new: int = 0  # rows K..K+num_new-1 are made of sources only
     pad: bool = False  # index N (one past the last token) is a zero row: x = 0, weight 0, size 0
+    # many-to-many: [B, N', M], the share of source m in output row j (replaces ``dst``'s one-hot rows)
+    mix: torch.Tensor | None = None
+    normalize: bool = True  # False: rows are weighted sums, not averages (GTP adds propagated tokens)
 
     @property
     def num_out(self) -> int:
@@ -60,9 +66,14 @@ def apply_transform(
     if t.num_new:
         kept = torch.nn.functional.pad(kept, (0, 0, 0, t.num_new))
     moved = gather_tokens(packed, t.src)
-    rows = torch.arange(t.num_out, device=x.device)
-    one_hot = (t.dst.unsqueeze(-1) == rows).to(x.dtype)  # [B, M, N']
-    merged = kept + one_hot.transpose(1, 2) @ moved
+    if t.mix is None:
+        rows = torch.arange(t.num_out, device=x.device)
+        mix = (t.dst.unsqueeze(-1) == rows).to(x.dtype).transpose(1, 2)  # [B, N', M] one-hot
+    else:
+        mix = t.mix
+    merged = kept + mix @ moved
+    if not t.normalize:  # kept (weight 1) + the weighted sources, tokens and sizes alike
+        return merged[..., :channels], merged[..., channels + 1 :]
     total = merged[..., channels : channels + 1]
     if t.pad:  # padding rows: 0 / 0 -> 0
         total = total.clamp_min(torch.finfo(total.dtype).tiny)
