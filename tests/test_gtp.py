@@ -121,3 +121,19 @@ def test_gtp_options_need_gtp(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "tome", "--r", "2",
                            "--propagate", "4", "-o", str(tmp_path / "x.onnx"))
     assert_one_line_error(code, err, "--propagate/--alpha/--graph are GTP options; they need --method gtp")
+
+
+def test_deit_small_recipes_sit_at_tomes_gmacs():
+    from edgetok import recipe
+    from edgetok.vit.export import ViTExportOptions
+    from edgetok.vit.flops import vit_macs
+    from edgetok.vit.loading import load_vit
+    from edgetok.vit.reduction import plan
+
+    vit = load_vit("deit_small_patch16_224")
+    for name, r, want in (("deit_small_gtp_p11", 11, 2.986), ("deit_small_gtp_p16", 16, 2.284)):
+        values = recipe.section(recipe.load(name, lambda s: None), "export", ViTExportOptions.fields(), name)
+        gtp = plan(vit, make_method("gtp", vit.depth, propagate=values["propagate"], graph=values["graph"]))
+        assert round(vit_macs(vit, gtp.tokens) / 1e9, 3) == want
+        tome = plan(vit, make_method("tome", vit.depth, r=r))
+        assert abs(vit_macs(vit, tome.tokens) - vit_macs(vit, gtp.tokens)) / vit_macs(vit, tome.tokens) < 0.005
