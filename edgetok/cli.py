@@ -346,6 +346,35 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, 
     _say(f"{result['new_tokens']} tokens, {rate:.1f} tok/s ({mode}{extra})")
 
 
+@cli.command("compare")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(), help="ImageFolder the methods are evaluated on.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights when MODEL is a timm name.")
+@click.option("--methods", default=",".join(("tome", "pitome", "gtp", "evit")), show_default=True,
+              help="Fixed-count methods to match (comma-separated).")
+@click.option("--fractions", default="0.65,0.5", show_default=True,
+              help="GMACs targets as shares of the dense model's (DeiT-S: 3.0 and 2.3 GMACs).")
+@click.option("--batch", type=int, default=8, show_default=True, help="Profiling batch.")
+@click.option("--duration", type=float, default=2.0, show_default=True, help="Timed seconds per model and round.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved profiling rounds.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="edgetok-out/compare", show_default=True)
+def compare_cmd(model, data, checkpoint, methods, fractions, batch, duration, rounds, output_dir) -> None:
+    """Every fixed-count method on MODEL at matched GMACs: exported, evaluated against dense and profiled
+    through the same path, in one table (profile.md, and printed) and one plot (profile.png)."""
+    from edgetok.profile.profiler import summary
+    from edgetok.vit.comparison import CompareOptions, compare
+
+    try:
+        shares = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        raise EdgetokError(f"--fractions {fractions!r} is not a list of numbers, e.g. 0.65,0.5") from None
+    result = compare(CompareOptions(model=model, data=data, checkpoint=checkpoint, methods=methods.split(","),
+                                    fractions=shares, batch=batch, duration_s=duration, rounds=rounds,
+                                    output_dir=output_dir), _say)
+    click.echo(summary(result).split("\n\n")[0])
+    click.echo("wrote " + ", ".join(result["report_files"]))
+
+
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder: one subfolder of images per class.")

@@ -31,6 +31,8 @@ def rows(models: list[dict]) -> list[dict]:
             "flops_bound": bound,
             "speedup_over_bound": speedup / bound if bound else None,
             "top1": (m.get("accuracy") or {}).get("top1"),
+            "agreement": ((m.get("accuracy") or {}).get("reference") or {}).get("top1_agreement"),
+            "kl": ((m.get("accuracy") or {}).get("reference") or {}).get("mean_kl"),
             "energy_mj": (m.get("jetson") or {}).get("energy_per_inference_mj"),
         })
     return table
@@ -42,9 +44,11 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 def markdown(table: list[dict]) -> str:
     show_top1 = any(r["top1"] is not None for r in table)
+    show_reference = any(r.get("agreement") is not None for r in table)
     show_energy = any(r["energy_mj"] is not None for r in table)
     head = ["model", "backend", "batch", "precision", "median ms", "p99 ms", "items/s", "GMACs", "speedup",
-            "FLOPs bound", "speedup / bound"] + (["top-1"] if show_top1 else []) + (["mJ/inference"] if show_energy else [])
+            "FLOPs bound", "speedup / bound"] + (["top-1"] if show_top1 else []) + (
+        ["agreement", "KL"] if show_reference else []) + (["mJ/inference"] if show_energy else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r["name"], r["backend"], str(r["batch"]), r["precision"], _fmt(r["median_ms"], ".2f"),
@@ -53,6 +57,8 @@ def markdown(table: list[dict]) -> str:
                  _fmt(r["speedup_over_bound"], ".2f")]
         if show_top1:
             cells.append(_fmt(r["top1"], ".2%"))
+        if show_reference:
+            cells += [_fmt(r.get("agreement"), ".2%"), _fmt(r.get("kl"), ".4f")]
         if show_energy:
             cells.append(_fmt(r["energy_mj"], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
