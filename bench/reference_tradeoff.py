@@ -1,6 +1,6 @@
 """Accuracy vs speed on edgetok's reference ViT (trained here on scikit-learn's digits): dense vs ToMe r,
-PiToMe r and GTP p (the same GMACs as ToMe at each r = p) and EViT keep sweeps — held-out top-1, agreement with dense, GMACs and ONNX Runtime CPU latency, all
-measured in this one run.
+PiToMe r and GTP p (the same GMACs as ToMe at each r = p) and EViT keep sweeps — held-out top-1, agreement
+with dense, GMACs and ONNX Runtime CPU latency, all measured in this one run.
 
     .venv/bin/python bench/reference_tradeoff.py [--batch 64] [--duration 2]
 """
