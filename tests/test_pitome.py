@@ -80,12 +80,17 @@ def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
     assert digits_export["flops"]["reduced_gmacs"] < digits_export["flops"]["dense_gmacs"]
 
 
-def test_export_builds_with_tensorrt_rtx(capsys, digits_export, tmp_path):
+def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    code, out, err = run_cli(capsys, "build-engine", digits_export["path"], "--backend", "tensorrt-rtx", "--batch",
+    from edgetok.vit.export import ViTExportOptions, export_vit
+
+    torch.manual_seed(0)
+    side = export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=64, method="pitome", r=3,
+                                       output=str(tmp_path / "p.onnx")))
+    code, out, err = run_cli(capsys, "build-engine", side["path"], "--backend", "tensorrt-rtx", "--batch",
                              "1:4:8", "-o", str(tmp_path / "p.engine"))
     assert code == 0, err
-    assert json.loads((tmp_path / "p.engine.build.json").read_text())["network_outputs"][0]["shape"] == [-1, 10]
+    assert json.loads((tmp_path / "p.engine.build.json").read_text())["network_outputs"][0]["shape"] == [-1, 1000]
 
 
 @pytest.mark.parametrize("args,message", [
