@@ -4,13 +4,12 @@ layout; zero propagation is the model; ONNX Runtime parity on real digits; a Ten
 options in one line."""
 
 import copy
-import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from cli_assertions import assert_one_line_error, run_cli
+from method_checks import assert_deit_export_builds, assert_export_matches_pytorch, assert_zero_reduction_is_the_model
 from reference_impl import gtp_forward
 from test_reference import ATOL, MIN_GAP, build
 
@@ -60,12 +59,7 @@ def test_a_per_block_list_and_alpha():
 
 
 def test_zero_propagation_is_the_model_exactly():
-    model = build("registers")
-    vit = from_timm(copy.deepcopy(model), "registers")
-    reduce_vit(vit, make_method("gtp", vit.depth, propagate=0))
-    x = torch.randn(2, 3, vit.img_size, vit.img_size, dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.equal(vit.module(x), model(x))
+    assert_zero_reduction_is_the_model("gtp", propagate=0)
 
 
 @pytest.fixture(scope="module")
@@ -77,33 +71,13 @@ def digits_export(tmp_path_factory):
 
 
 def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
-    from edgetok.onnx.validate import ort_session
-    from edgetok.vit.digits import write_heldout_folder
-    from edgetok.vit.evaluate import image_folder
-    from edgetok.vit.loading import load_vit
-
-    vit = load_vit("edgetok_digits_vit")
-    reduce_vit(vit, make_method("gtp", vit.depth, propagate="4", graph="mixed"))
-    dataset = image_folder(write_heldout_folder(tmp_path / "h")["path"], vit.preprocessing)
-    x = np.stack([dataset[i][0].numpy() for i in range(0, 539, 50)])
-    with torch.no_grad():
-        want = vit.module(torch.from_numpy(x)).numpy()
-    assert np.abs(ort_session(digits_export["path"]).run(None, {"pixel_values": x})[0] - want).max() <= 1e-4
+    assert_export_matches_pytorch(digits_export, tmp_path / "h", "gtp", propagate="4", graph="mixed")
     red = digits_export["reduction"]
     assert (red["method"], red["propagate_per_layer"], red["alpha"], red["graph"]) == ("gtp", [4] * 6, 0.1, "mixed")
 
 
 def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
-    pytest.importorskip("tensorrt_rtx")
-    from edgetok.vit.export import ViTExportOptions, export_vit
-
-    torch.manual_seed(0)
-    side = export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=64, method="gtp", propagate="2,2,2,2,2",
-                                       graph="mixed", output=str(tmp_path / "g.onnx")))
-    code, out, err = run_cli(capsys, "build-engine", side["path"], "--backend", "tensorrt-rtx", "--batch",
-                             "1:4:8", "-o", str(tmp_path / "g.engine"))
-    assert code == 0, err
-    assert json.loads((tmp_path / "g.engine.build.json").read_text())["network_outputs"][0]["shape"] == [-1, 1000]
+    assert_deit_export_builds(capsys, tmp_path, method="gtp", propagate="2,2,2,2,2", graph="mixed")
 
 
 @pytest.mark.parametrize("args,message", [

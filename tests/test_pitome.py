@@ -3,13 +3,12 @@
 reduction is the model; ONNX Runtime parity on real digits; a TensorRT-RTX build; bad options in one line."""
 
 import copy
-import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from cli_assertions import assert_one_line_error, run_cli
+from method_checks import assert_deit_export_builds, assert_export_matches_pytorch, assert_zero_reduction_is_the_model
 from reference_impl import reference_forward
 from test_reference import ATOL, CONFIGS, MIN_GAP, build
 
@@ -46,12 +45,7 @@ def test_keep_rate_plans_r_from_the_tokens_left():
 
 
 def test_zero_reduction_is_the_model_exactly():
-    model = build("registers")
-    vit = from_timm(copy.deepcopy(model), "registers")
-    reduce_vit(vit, make_method("pitome", vit.depth, r=0))
-    x = torch.randn(2, 3, vit.img_size, vit.img_size, dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.equal(vit.module(x), model(x))
+    assert_zero_reduction_is_the_model("pitome", r=0)
 
 
 @pytest.fixture(scope="module")
@@ -63,34 +57,13 @@ def digits_export(tmp_path_factory):
 
 
 def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
-    from edgetok.onnx.validate import ort_session
-    from edgetok.vit.digits import write_heldout_folder
-    from edgetok.vit.evaluate import image_folder
-    from edgetok.vit.loading import load_vit
-
-    vit = load_vit("edgetok_digits_vit")
-    reduce_vit(vit, make_method("pitome", vit.depth, r=6))
-    dataset = image_folder(write_heldout_folder(tmp_path / "h")["path"], vit.preprocessing)
-    x = np.stack([dataset[i][0].numpy() for i in range(0, 539, 50)])
-    with torch.no_grad():
-        want = vit.module(torch.from_numpy(x)).numpy()
-    assert np.abs(ort_session(digits_export["path"]).run(None, {"pixel_values": x})[0] - want).max() <= 1e-4
+    assert_export_matches_pytorch(digits_export, tmp_path / "h", "pitome", r=6)
     red = digits_export["reduction"]
     assert red["method"] == "pitome" and red["r_per_layer"] == [6] * 6 and len(red["margins"]) == 6
-    assert digits_export["flops"]["reduced_gmacs"] < digits_export["flops"]["dense_gmacs"]
 
 
 def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
-    pytest.importorskip("tensorrt_rtx")
-    from edgetok.vit.export import ViTExportOptions, export_vit
-
-    torch.manual_seed(0)
-    side = export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=64, method="pitome", r=3,
-                                       output=str(tmp_path / "p.onnx")))
-    code, out, err = run_cli(capsys, "build-engine", side["path"], "--backend", "tensorrt-rtx", "--batch",
-                             "1:4:8", "-o", str(tmp_path / "p.engine"))
-    assert code == 0, err
-    assert json.loads((tmp_path / "p.engine.build.json").read_text())["network_outputs"][0]["shape"] == [-1, 1000]
+    assert_deit_export_builds(capsys, tmp_path, method="pitome", r=3)
 
 
 @pytest.mark.parametrize("args,message", [
