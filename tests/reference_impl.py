@@ -200,7 +200,7 @@ def gtp_forward(model, images, propagate, alpha: float, kind: str):
     stats: dict = {}
     outputs, counts = [], []
     for image in images:
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+        x = embedded(model, image)
         graph = gtp_graph(x, prefix, kind)
         sizes = [1.0] * x.shape[0]
         image_counts = []
@@ -215,6 +215,11 @@ def gtp_forward(model, images, propagate, alpha: float, kind: str):
         outputs.append(model.forward_head(model.norm(x[None]))[0])
         counts = counts or image_counts
     return torch.stack(outputs), counts, stats
+
+
+def embedded(model, image):
+    """One image's tokens entering the first block (the model's own embedding, position and pre-norm)."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
 
 
 def note_gap(stats: dict, gap: float) -> None:
@@ -235,7 +240,7 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
     stats: dict = {}
     outputs, counts = [], []
     for image in images:
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+        x = embedded(model, image)
         sizes = [1.0] * x.shape[0]
         image_counts = []
         for layer, block in enumerate(model.blocks):
@@ -310,7 +315,7 @@ def dtome_forward(model, images, thresholds, cap=None):
     stats: dict = {}
     outputs, counts = [], []
     for image in images:
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+        x = embedded(model, image)
         sizes = [1.0] * x.shape[0]
         image_counts = []
         for layer, block in enumerate(model.blocks):

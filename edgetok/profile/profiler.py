@@ -117,9 +117,12 @@ def tokens_kept(model: str, feed: dict, runner) -> dict:
         return {k: v for k, v in found.items() if v}
     if Path(model).suffix != ".onnx":
         return {}
+    import onnx
+
     from edgetok.onnx.validate import ort_session
 
-    sizes, kept = sizes_outputs(model), attention_kept_outputs(model)
+    graph = onnx.load(model, load_external_data=False)
+    sizes, kept = sizes_outputs(graph), attention_kept_outputs(graph)
     if not sizes and not kept:
         return {}
     extra = ort_session(model, extra_outputs=(*sizes.values(), *kept.values())).run(None, feed)[-len(sizes) - len(kept):]

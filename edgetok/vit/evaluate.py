@@ -81,8 +81,11 @@ class Predictor:
             if not path.is_file():
                 raise EdgetokError(f"{model} does not exist")
             self.sha256 = sidecar.file_sha256(model)
-            self.count_outputs = sizes_outputs(model)  # data-dependent steps: count what each image keeps
-            self.kept_outputs = attention_kept_outputs(model)  # block-sparse attention: the block pairs it computed
+            import onnx
+
+            graph = onnx.load(model, load_external_data=False)  # read once for both lookups
+            self.count_outputs = sizes_outputs(graph)  # data-dependent steps: count what each image keeps
+            self.kept_outputs = attention_kept_outputs(graph)  # block-sparse attention: the block pairs it computed
             self.tokens_kept = {block: [] for block in self.count_outputs}
             self.attention_kept = {block: [] for block in self.kept_outputs}
             self.session = ort_session(model, extra_outputs=(*self.count_outputs.values(), *self.kept_outputs.values()))
