@@ -3,7 +3,7 @@ models interleaved: GMACs, measured speedup, speedup / FLOPs bound — on DeiT-S
 and on the reference digits model (speed, and top-1 and agreement with dense on its held-out digits).
 The target: every fixed-count method >= 0.85 of its FLOPs bound at batch 8 on DeiT-S.
 
-    .venv/bin/python bench/methods.py [--duration 2] [--rounds 3] [--skip-deit]
+    .venv/bin/python bench/methods.py [--duration 2] [--rounds 3] [--skip-deit | --skip-digits]
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-deit", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_heldout_folder(tmp / "heldout")["path"]
-        for batch in (8, 1):
+        for batch in () if args.skip_digits else (8, 1):
             result = compare(CompareOptions(model=NAME, data=data, fractions=list(FRACTIONS), batch=batch,
                                             duration_s=args.duration, rounds=args.rounds,
                                             output_dir=str(tmp / f"digits_b{batch}")))

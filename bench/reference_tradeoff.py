@@ -1,5 +1,5 @@
 """Accuracy vs speed on edgetok's reference ViT (trained here on scikit-learn's digits): dense vs ToMe r,
-PiToMe r and GTP p (the same GMACs as ToMe at each r = p) and EViT keep sweeps — held-out top-1, agreement
+PiToMe r, Zero-TPrune r and GTP p (the same GMACs as ToMe at each r = p) and EViT keep sweeps — held-out top-1, agreement
 with dense, GMACs and ONNX Runtime CPU latency, all measured in this one run.
 
     .venv/bin/python bench/reference_tradeoff.py [--batch 64] [--duration 2]
@@ -19,6 +19,7 @@ from edgetok.vit.export import ViTExportOptions, export_vit
 VARIANTS = {"dense": dict(method="none")}
 VARIANTS.update({f"tome r={r}": dict(method="tome", r=r) for r in (2, 4, 6, 8)})
 VARIANTS.update({f"pitome r={r}": dict(method="pitome", r=r) for r in (2, 4, 6, 8)})  # ToMe's GMACs at each r
+VARIANTS.update({f"zerotprune r={r}": dict(method="zerotprune", r=r) for r in (2, 4, 6, 8)})  # pruning: the same
 VARIANTS.update({f"gtp p={p}": dict(method="gtp", propagate=str(p)) for p in (2, 4, 6, 8)})  # the same GMACs too
 VARIANTS.update({f"evit {k}": dict(method="evit", keep_rate=k) for k in (0.9, 0.7, 0.5)})
 

@@ -60,10 +60,13 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @export.command("vit")
 @click.argument("model")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .pth/.safetensors weights for a timm name.")
-@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome", "pitome", "gtp"]), default="none", show_default=True)
-@click.option("--r", "r", type=int, help="ToMe: tokens merged in every block; dtome: the mean its calibration aims at.")
+@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome", "pitome", "gtp", "zerotprune"]),
+              default="none", show_default=True)
+@click.option("--r", "r", type=int, help="ToMe/PiToMe: tokens merged in every block; zerotprune: tokens pruned; "
+              "dtome: the mean its calibration aims at.")
 @click.option("--r-schedule", help="ToMe: '(r, inflect)' e.g. '(16, -1)' (decreasing), or a per-block list '16,16,8'.")
-@click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1].")
+@click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1]; "
+              "pitome/zerotprune: kept in every block.")
 @click.option("--keep-layers", help="EViT: 0-based blocks that prune, e.g. 3,6,9 (default: depth/4, depth/2, 3depth/4).")
 @click.option("--ats-blocks", help="ATS: 0-based blocks that sample, e.g. 3,4,...,11 (default: the model's own, else depth/4 to the last).")
 @click.option("--ats-budget", type=float, help="ATS: tokens kept at most (with the class token), or a fraction (default 1.0).")
@@ -72,6 +75,10 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--propagate", help="gtp: tokens propagated and removed per block, e.g. 8, or a list 8,8,4.")
 @click.option("--alpha", type=float, help="gtp: weight of the propagated tokens (default 0.1).")
 @click.option("--graph", help="gtp: spatial (8 grid neighbours, default), semantic (8 most similar) or mixed.")
+@click.option("--head-variance", help="zerotprune: LOW,HIGH variance of a head's N·score to be combined "
+              "(default 0.01,0.7; 0,inf keeps every head).")
+@click.option("--similarity-share", type=float, help="zerotprune: share of each block's r pruned by similarity (S stage) "
+              "rather than importance, in [0, 1] (default 0.5).")
 @click.option("--img-size", type=int, help="Input resolution (a multiple of the patch size).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch for export (batch stays dynamic).")
 @click.option("--opset", type=int, default=17, show_default=True)
@@ -87,8 +94,9 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--attention-keep", type=float, help="sparse: keep this fraction of key blocks instead of a mass.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
 def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
-                   cap, propagate, alpha, graph, img_size, batch, opset, allow_unsupported_ops, plugins, attention,
-                   attention_block, attention_mass, attention_keep, output) -> None:
+                   cap, propagate, alpha, graph, head_variance, similarity_share, img_size, batch, opset,
+                   allow_unsupported_ops, plugins, attention, attention_block, attention_mass, attention_keep,
+                   output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
@@ -96,7 +104,8 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
         model=model, checkpoint=checkpoint, method=method, r=r, r_schedule=r_schedule, keep_rate=keep_rate,
         keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks),
         ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
-        calibrate=calibrate, cap=cap, propagate=propagate, alpha=alpha, graph=graph, img_size=img_size, batch=batch,
+        calibrate=calibrate, cap=cap, propagate=propagate, alpha=alpha, graph=graph,
+        head_variance=head_variance, similarity_share=similarity_share, img_size=img_size, batch=batch,
         opset=opset, output=output,
         allow_unsupported_ops=allow_unsupported_ops, plugins=plugins, attention=attention,
         attention_block=attention_block, attention_mass=attention_mass, attention_keep=attention_keep,
@@ -121,11 +130,17 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
 @click.option("--recipe", help="Build the ONNX of a recipe's export section with its build: section.")
 @click.option("--allow-recipe-plugins", is_flag=True,
               help="Let the recipe's build.plugins load native libraries (otherwise only --plugins does).")
+@click.option("--k", type=int, default=4, show_default=True,
+              help="PAIR: draft tokens per round; the target's profile favours k + 1 tokens per call.")
+@click.option("--tokens", type=int, default=16, show_default=True,
+              help="PAIR: lookahead tree size; the tree variant's profile favours it.")
 def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace, opt_level, targets, timing_cache,
-                     plugins, dla_core, recipe, allow_recipe_plugins) -> None:
-    """Build a TensorRT or TensorRT-RTX engine from MODEL (.onnx) in a child process."""
+                     plugins, dla_core, recipe, allow_recipe_plugins, k, tokens) -> None:
+    """Build a TensorRT or TensorRT-RTX engine from MODEL (.onnx) in a child process, or every decoder of a
+    speculative-decoding pair folder (KV-cache shape profiles from its manifest)."""
     from edgetok.engine.build import build_engine, progress, summary
     from edgetok.engine.options import BuildOptions, parse_targets
+    from edgetok.llm import engines
 
     values = dict(output=output, backend=backend, precision=precision, batch=batch, shapes=list(shapes),
                   workspace=workspace, opt_level=opt_level, targets=parse_targets(list(targets)),
@@ -137,6 +152,11 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
         model, values = _recipe_build(recipe, values, allow_recipe_plugins)
     elif not model:
         raise EdgetokError("give the ONNX model to build (e.g. edgetok-out/model.onnx) or --recipe NAME")
+    elif engines.is_pair(model):
+        with progress(sys.stderr.isatty()) as say:
+            built = engines.build_pair(model, BuildOptions(onnx=model, **values), k, tokens, say)
+        click.echo(engines.summary(built))
+        return
     with progress(sys.stderr.isatty()) as say:
         report = build_engine(BuildOptions(onnx=model, **values), say, reuse=bool(recipe))
     click.echo(summary(report))
@@ -209,16 +229,21 @@ def _ensure_export(opts, out: Path, label: str, echo: bool = False) -> None:
 @click.option("--k", type=int, default=4, show_default=True, help="--pair: tokens the draft proposes per round.")
 @click.option("--adaptive-k", is_flag=True, help="--pair: adapt k to the acceptance.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="--pair: tokens per prompt.")
+@click.option("--modes", help="--pair: speculative,lookahead,prompt-lookup (default: every one the pair offers).")
+@click.option("--ngram", type=int, default=4, show_default=True, help="--pair lookahead / prompt-lookup: n-gram.")
+@click.option("--branches", type=int, default=4, show_default=True, help="--pair lookahead: branches per call.")
+@click.option("--tokens", type=int, default=16, show_default=True, help="--pair lookahead / prompt-lookup: tokens.")
 def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, iterations, rounds, threads, cuda_graphs,
                 data_transfers, recipe, host, remote_timeout, output_dir, report_json, pair, k, adaptive_k,
-                max_new_tokens) -> None:
+                max_new_tokens, modes, ngram, branches, tokens) -> None:
     """Latency statistics (trtexec-grade) for one or more models, compared side by side."""
     from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
 
     if pair:
         if host:
             raise EdgetokError("--pair --host is not supported yet; run edgetok profile --pair on the Jetson itself")
-        _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads or 0, Path(output_dir), report_json)
+        _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads or 0, Path(output_dir), report_json,
+                      modes.split(",") if modes else None, ngram, branches, tokens, backend or "onnxruntime")
         return
     if remote_timeout is not None and not host:
         raise EdgetokError(f"--remote-timeout {remote_timeout:g} applies only with --host; drop it, or add --host")
@@ -255,7 +280,8 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     _say(f"reports: {', '.join(str(p) for p in paths)}")
 
 
-def _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads: int, out_dir: Path, report_json) -> None:
+def _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads: int, out_dir: Path, report_json,
+                  modes=None, ngram=4, branches=4, tokens=16, backend="onnxruntime") -> None:
     from edgetok import atomic, sidecar
     from edgetok.llm.profile import markdown, profile_pair
 
@@ -265,7 +291,8 @@ def _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads: int, o
         raise EdgetokError(f"--k {k} must be >= 1")
     dev = "cuda" if device == "cuda" else "cpu"  # both models on one device here; generate can split them
     report = profile_pair(models[0], k, max_new_tokens, adaptive_k=adaptive_k, draft_device=dev, target_device=dev,
-                          target_threads=threads)
+                          target_threads=threads, modes=modes, ngram=ngram, branches=branches, tokens=tokens,
+                          backend=backend)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar.write(out_dir / "pair_profile.json", report)
     atomic.write_text(out_dir / "pair_profile.md", f"# edgetok pair profile\n\n{markdown(report)}\n")
@@ -299,7 +326,8 @@ def _recipe_models(recipe: str) -> tuple[list[str], list[str], dict]:
 
 @export.command("spec-pair")
 @click.option("--target", required=True, help="Local Hugging Face causal-LM folder (weights, or config.json only).")
-@click.option("--draft", required=True, help="Draft folder sharing the target's vocabulary, or layer-skip:N.")
+@click.option("--draft", required=True, help="Draft folder sharing the target's vocabulary, layer-skip:N, or none "
+              "(the target alone, for --mode lookahead / prompt-lookup).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New folder for the pair.")
 def export_spec_pair_cmd(target, draft, output) -> None:
     """Export a draft/target pair of causal LMs as KV-cache ONNX decoders, checked against PyTorch."""
@@ -313,17 +341,26 @@ def export_spec_pair_cmd(target, draft, output) -> None:
 @click.option("--prompt", help="Prompt text (needs the pair's tokenizer).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--mode", type=click.Choice(["target", "speculative"]), default="speculative", show_default=True)
+@click.option("--mode", type=click.Choice(["target", "speculative", "lookahead", "prompt-lookup"]),
+              default="speculative", show_default=True,
+              help="lookahead / prompt-lookup: draft-free, proposals from the prompt and output so far.")
 @click.option("--k", type=int, default=4, show_default=True, help="Tokens the draft proposes per round.")
+@click.option("--ngram", type=int, default=4, show_default=True,
+              help="lookahead / prompt-lookup: the longest tail of the text matched against what came before.")
+@click.option("--branches", type=int, default=4, show_default=True, help="lookahead: branches verified per call.")
+@click.option("--tokens", type=int, default=16, show_default=True,
+              help="lookahead: proposed tokens per call (all branches); prompt-lookup: the chain's length.")
 @click.option("--adaptive-k", is_flag=True, help="Grow k after a clean sweep, shrink it after an early miss.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sampling.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--draft-device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--target-device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: the engines of `edgetok build-engine PAIR` (a CUDA GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
-def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, temperature, seed, draft_device,
-                 target_device, as_json) -> None:
-    """Generate with the target alone or with speculative decoding (lossless)."""
+def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branches, tokens, adaptive_k, temperature,
+                 seed, draft_device, target_device, backend, as_json) -> None:
+    """Generate with the target alone, with speculative decoding, or draft-free (lookahead, prompt lookup): lossless."""
     import json
 
     from edgetok.llm.runtime import generate
@@ -335,14 +372,14 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, 
         except ValueError:
             raise EdgetokError(f"--prompt-ids {prompt_ids!r} must be comma-separated integers") from None
     result = generate(pair, prompt, ids, max_new_tokens, mode, k, temperature, seed, draft_device, target_device,
-                      adaptive_k)
+                      adaptive_k, ngram, branches, tokens, backend)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(result.get("text", " ".join(map(str, result["tokens"]))))
     rate = result["decode_tokens_per_s"]
     extra = (f", acceptance {result['acceptance_rate']:.2f}, {result['mean_tokens_per_round']:.2f} tokens/round"
-             if mode == "speculative" else "")
+             if mode != "target" and result["proposed"] else ", nothing proposed" if mode != "target" else "")
     _say(f"{result['new_tokens']} tokens, {rate:.1f} tok/s ({mode}{extra})")
 
 
@@ -350,7 +387,7 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, 
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder the methods are evaluated on.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights when MODEL is a timm name.")
-@click.option("--methods", default=",".join(("tome", "pitome", "gtp", "evit")), show_default=True,
+@click.option("--methods", default=",".join(("tome", "pitome", "zerotprune", "gtp", "evit")), show_default=True,
               help="Fixed-count methods to match (comma-separated).")
 @click.option("--fractions", default="0.65,0.5", show_default=True,
               help="GMACs targets as shares of the dense model's (DeiT-S: 3.0 and 2.3 GMACs).")

@@ -1,4 +1,4 @@
-"""A second, deliberately naive implementation of ToMe and EViT for timm VisionTransformers.
+"""A second, deliberately naive implementation of every token-reduction method for timm VisionTransformers.
 
 It is written from the method descriptions, not from ``edgetok.vit``: every image is run on its
 own, attention is computed by hand from the block's projections, and every discrete decision
@@ -193,6 +193,74 @@ def gtp_propagate(x, sizes, q, k, scale, graph, p: int, prefix: int, alpha: floa
     return torch.stack(rows), new_sizes, new_graph
 
 
+def zerotprune_prune(x, q, k, scale, r: int, steps: int, prefix: int, class_token: bool, bounds, share: float,
+                     stats: dict):
+    """Zero-TPrune's pruning layer (Wang et al., CVPR 2024) on one image's tokens ``x`` [N, C], read from the paper's
+    description loop by loop: per head, attention a[h][j][i] = softmax_i(q_j·k_i·scale).
+
+    - importance(nodes, steps): per head, the graph over ``nodes`` (rows renormalised over them); scores start
+      uniform, the class token at sqrt(len(nodes)) times the others, summing to 1; each step
+      s'[i] = sum_j a[j][i]·s[j]. A head counts if the variance of len(nodes)·s lies within ``bounds`` (every head
+      if none does); a token's importance is the root mean square of its scores over the heads that count.
+    - I′: importance(all, 1). S: patch tokens by it (highest first, equal by position); the last floor(t/2) are
+      A, the rest B; each A token's best cosine (head-averaged keys) to B; the floor(r·share) best-matching A
+      tokens (equal: the more important first) are discarded.
+    - I: importance(survivors, steps); the r − floor(r·share) least important survivors (equal: by position) go.
+    Survivors stay in position order; prefix tokens are never pruned.
+    """
+    heads, n = q.shape[0], q.shape[1]
+    attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1).tolist()
+
+    def importance(nodes, iterations):
+        per_head = []
+        for h in range(heads):
+            rows = []
+            for j in nodes:
+                row = [attn[h][j][i] for i in nodes]
+                rows.append([v / sum(row) for v in row])
+            start = [math.sqrt(len(nodes)) if class_token and node == 0 else 1.0 for node in nodes]
+            score = [v / sum(start) for v in start]
+            for _ in range(iterations):
+                score = [sum(rows[j][i] * score[j] for j in range(len(nodes))) for i in range(len(nodes))]
+            per_head.append(score)
+        use = []
+        for score in per_head:
+            scaled = [len(nodes) * v for v in score]
+            mean = sum(scaled) / len(scaled)
+            variance = sum((v - mean) ** 2 for v in scaled) / len(scaled)
+            note_gap(stats, min(abs(variance - bounds[0]), abs(variance - bounds[1])))
+            use.append(bounds[0] <= variance <= bounds[1])
+        chosen = [score for score, counts in zip(per_head, use) if counts] or per_head
+        return {node: math.sqrt(sum(score[i] ** 2 for score in chosen) / len(chosen)) for i, node in enumerate(nodes)}
+
+    def cut_gap(values, at):
+        if 0 < at < len(values):
+            note_gap(stats, abs(values[at - 1] - values[at]))
+
+    by_similarity = math.floor(r * share)
+    survivors = list(range(n))
+    if by_similarity:
+        vote = importance(survivors, 1)
+        ranked = sorted(range(prefix, n), key=lambda i: (-vote[i], i))
+        t = len(ranked)
+        cut_gap([vote[i] for i in ranked], t - t // 2)
+        set_b, set_a = ranked[:t - t // 2], ranked[t - t // 2:]
+        metric = k.mean(dim=0)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        best = [max(float(metric[a] @ metric[b]) for b in set_b) for a in set_a]
+        order = sorted(range(len(set_a)), key=lambda i: (-best[i], i))
+        cut_gap([best[i] for i in order], by_similarity)
+        discarded = {set_a[i] for i in order[:by_similarity]}
+        survivors = [i for i in survivors if i not in discarded]
+    score = importance(survivors, steps)
+    ranked = sorted((i for i in survivors if i >= prefix), key=lambda i: (-score[i], i))
+    gone = len(ranked) - (r - by_similarity)
+    cut_gap([score[i] for i in ranked], gone)
+    dropped = set(ranked[gone:])
+    kept = [i for i in survivors if i not in dropped]
+    return x[kept], [1.0] * len(kept)
+
+
 @torch.no_grad()
 def gtp_forward(model, images, propagate, alpha: float, kind: str):
     """Logits with GTP in every block (``propagate``: tokens per block), and the tokens entering each MLP."""
@@ -229,7 +297,7 @@ def note_gap(stats: dict, gap: float) -> None:
 
 @torch.no_grad()
 def reference_forward(model, images, method: str = "none", r_per_layer=None, keep_rate=None, keep_layers=(),
-                      margins=None):
+                      margins=None, zerotprune=None):
     """Logits of ``model`` (an unpatched timm VisionTransformer) with the method applied.
 
     Returns (logits [B, classes], tokens entering each block's MLP for the first image, stats).
@@ -248,6 +316,9 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
             x = x + block.ls1(out)
             if method == "pitome" and r_per_layer[layer] > 0:
                 x, sizes = pitome_merge(x, sizes, k, r_per_layer[layer], prefix, margins[layer], stats)
+            elif method == "zerotprune" and r_per_layer[layer] > 0:
+                x, sizes = zerotprune_prune(x, q, k, block.attn.scale, r_per_layer[layer], zerotprune["steps"][layer],
+                                            prefix, class_token, zerotprune["bounds"], zerotprune["share"], stats)
             elif method == "tome" and r_per_layer[layer] > 0:
                 x, sizes = tome_merge(x, sizes, k, r_per_layer[layer], prefix, class_token, distill_token, stats)
             elif method == "evit" and layer in keep_layers:

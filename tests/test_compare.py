@@ -34,18 +34,18 @@ def test_compare_on_the_reference_model(capsys, tmp_path):
     assert code == 0, err
     report = json.loads((out / "profile.json").read_text())
     rows = report["comparison"]
-    assert [r["name"].split(" ")[0] for r in rows] == ["dense", "tome", "pitome", "gtp", "evit"]
+    assert [r["name"].split(" ")[0] for r in rows] == ["dense", "tome", "pitome", "zerotprune", "gtp", "evit"]
     target = 0.65 * report["compare"]["dense_gmacs"]
     for r in rows[1:]:
         assert abs(r["gmacs"] / target - 1) < 0.1 and r["top1"] > 0.8 and r["agreement"] is not None
         assert r["flops_bound"] > 1.3
     assert rows[0]["agreement"] is None and "| agreement | KL |" in stdout
     assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG" and (out / "profile.md").is_file()
-    assert len(list((out / "models").glob("*.onnx"))) == 5
+    assert len(list((out / "models").glob("*.onnx"))) == 6
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--methods", "tome,ats"], "--methods ats: compare matches tome, pitome, gtp, evit"),
+    (["--methods", "tome,ats"], "--methods ats: compare matches tome, pitome, zerotprune, gtp, evit"),
     (["--fractions", "1.2"], "--fractions 1.2 must be in (0, 1)"),
     (["--fractions", "a"], "--fractions 'a' is not a list of numbers"),
 ])

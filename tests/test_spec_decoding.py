@@ -10,7 +10,14 @@ from cli_assertions import assert_one_line_error, run_cli
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from edgetok.llm.pair import MANIFEST, export_pair
-from edgetok.llm.runtime import generate, generate_speculative, generate_target, open_pair
+from edgetok.llm.runtime import (
+    generate,
+    generate_draft_free,
+    generate_speculative,
+    generate_target,
+    open_decoder,
+    open_pair,
+)
 
 SHIPPED = Path(__file__).parents[1] / "edgetok" / "assets" / "spec_pair"
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -80,6 +87,50 @@ def test_greedy_speculative_equals_target_only(llama_pairs, draft, k):
         assert got.accepted == got.proposed and all(n == k for n in got.accepted_per_round[:-1])
     if draft == "contrary":  # every proposal rejected; each round still yields the target's own token
         assert got.accepted == 0 and got.rounds == 30
+
+
+def test_the_tree_variant_equals_each_branch_run_alone(llama_pairs):
+    """One tree call scores every node as the plain decoder scores its branch on its own (same cache)."""
+    manifest, target, _ = open_pair(str(llama_pairs["same"]))
+    tree = open_decoder(str(llama_pairs["same"]), manifest, "target_tree")
+    prompt = [5, 17, 3, 88, 41, 7]
+    #        root 9; 1 and 2 under it; 3 under 1; 4 under 3; 5 under 2
+    parents, tokens = [-1, -1, 0, 2, 1], [11, 12, 13, 14, 15]
+    for d in (target, tree):
+        d.reset()
+        d.feed(prompt)
+    got = tree.feed_tree(9, tokens, parents)
+    for leaf_path in ([0, 2, 3], [1, 4]):
+        target.crop(len(prompt))
+        want = target.feed([9, *[tokens[i] for i in leaf_path]])
+        assert np.abs(got[[0, *[i + 1 for i in leaf_path]]] - want).max() < 1e-5
+    tree.keep(list(range(len(prompt) + 1)) + [len(prompt) + 1 + i for i in (0, 2)])  # accept 11, 13
+    target.crop(len(prompt))
+    target.feed([9, 11, 13])
+    assert np.abs(tree.feed([14]) - target.feed([14])).max() < 1e-5  # the kept cache is the branch's own
+
+
+@pytest.mark.parametrize("mode", ["lookahead", "prompt-lookup"])
+@pytest.mark.parametrize("prompt", [[5, 17, 3, 88, 41, 5, 17, 3], [1, 2, 3, 4, 5, 6], [7]],
+                         ids=["repeats", "no_match", "shorter_than_ngram"])
+def test_draft_free_greedy_equals_target_only(llama_pairs, mode, prompt):
+    manifest, target, _ = open_pair(str(llama_pairs["same"]))
+    decoder = open_decoder(str(llama_pairs["same"]), manifest, "target_tree") if mode == "lookahead" else target
+    want = generate_target(target, prompt, 30).tokens
+    for ngram, branches, tokens in ((4, 4, 16), (2, 2, 3), (1, 1, 1)):
+        assert generate_draft_free(decoder, prompt, 30, mode, ngram, branches, tokens).tokens == want
+
+
+@pytest.mark.skipif(not (SHIPPED / "target" / "config.json").is_file(), reason="the shipped pair is exported by tools/train_spec_pair.py")
+@pytest.mark.parametrize("mode", ["lookahead", "prompt-lookup"])
+def test_shipped_target_draft_free_is_lossless(tmp_path_factory, mode):
+    pair = tmp_path_factory.getbasetemp() / "shipped_pair"
+    if not pair.exists():
+        export_pair(str(SHIPPED / "target"), str(SHIPPED / "draft"), str(pair))
+    for prompt in ["import os\n\n\ndef main(", "class Parser:\n    def __init__(self"]:
+        a = generate(str(pair), prompt=prompt, max_new_tokens=64, mode="target")
+        b = generate(str(pair), prompt=prompt, max_new_tokens=64, mode=mode)
+        assert a["tokens"] == b["tokens"] and b["draft_free"]["ngram"] == 4
 
 
 @pytest.mark.skipif(not (SHIPPED / "target" / "config.json").is_file(), reason="the shipped pair is exported by tools/train_spec_pair.py")
@@ -173,6 +224,12 @@ def test_bad_inputs(capsys, tmp_path, llama_pairs):
         (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,999"], ["999", "vocabulary"]),
         (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,2", "--temperature", "nan"], ["--temperature nan"]),
         (["generate", str(tmp_path / "broken_pair"), "--prompt-ids", "1"], ["not valid JSON"]),
+        (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,2", "--mode", "lookahead", "--ngram", "0"],
+         ["--ngram 0 must be >= 1"]),
+        (["generate", str(llama_pairs["same"]), "--prompt-ids", "1,2", "--backend", "tensorrt"],
+         ["has no engines", "edgetok build-engine"]),
+        (["build-engine", str(llama_pairs["same"]), "-o", str(tmp_path / "x.engine")], ["drop -o/--shapes"]),
+        (["profile", str(llama_pairs["same"]), "--pair", "--modes", "medusa"], ["--modes medusa", "offers"]),
     ]
     for args, needles in cases:
         code, out, err = run_cli(capsys, *args)
@@ -195,7 +252,85 @@ def test_generate_and_pair_profile_cli(capsys, tmp_path, llama_pairs):
     assert 0 <= spec["acceptance_rate"] <= 1 and spec["speedup"] > 0
     assert spec["mean_tokens_per_round"] == pytest.approx(1 + spec["mean_accepted_per_round"], rel=0.05)
     assert report["target_only"]["prefill_tokens_per_s"] > 0 and report["memory"]["peak_rss_mb"] > 0
-    assert "| speculative k=3 |" in out
+    assert "| speculative k=3 |" in out and "| lookahead (4 branches, 16 tokens, n-gram 4) |" in out
+    assert set(report["modes"]) == {"speculative", "lookahead", "prompt-lookup"}
+    for mode in ("lookahead", "prompt-lookup"):  # draft-free rows: the target's own output, tokens per call >= 1
+        row = report["modes"][mode]
+        assert row["greedy_outputs_identical"] is True and row["mean_tokens_per_round"] >= 1 and row["speedup"] > 0
+
+
+def test_a_target_alone_runs_draft_free(capsys, tmp_path, llama_pairs):
+    """--draft none: the target and its tree variant only; lookahead and prompt lookup run, speculative is refused."""
+    code, out, err = run_cli(capsys, "export", "spec-pair", "--target", str(llama_pairs["same"].parent / "target"),
+                             "--draft", "none", "-o", str(tmp_path / "alone"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "alone" / MANIFEST).read_text())
+    assert manifest["draft"] is None and manifest["target"]["tree"]["file"] == "target/tree.onnx"
+    assert not (tmp_path / "alone" / "draft").exists() and "no draft" in out
+    results = {}
+    for mode in ("target", "lookahead", "prompt-lookup"):
+        code, out, err = run_cli(capsys, "generate", str(tmp_path / "alone"), "--prompt-ids", "5,17,3,5,17",
+                                 "--max-new-tokens", "20", "--mode", mode, "--json")
+        assert code == 0, err
+        results[mode] = json.loads(out)
+    assert results["lookahead"]["tokens"] == results["prompt-lookup"]["tokens"] == results["target"]["tokens"]
+    assert results["lookahead"]["calls"]["draft"] == 0 and results["lookahead"]["draft_free"]["branches"] == 4
+    code, _, err = run_cli(capsys, "generate", str(tmp_path / "alone"), "--prompt-ids", "1,2")
+    assert_one_line_error(code, err, "holds a target alone", "--mode lookahead")
+
+
+def test_engines_refuse_to_run_without_a_gpu(llama_pairs, tmp_path):
+    """The engine decoders need CUDA; on this CPU machine the refusal is one line (the builds are tested below)."""
+    import shutil
+
+    import torch
+
+    from edgetok.errors import EdgetokError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the engines can run")
+    pair = tmp_path / "pair"
+    shutil.copytree(llama_pairs["same"], pair)
+    manifest = json.loads((pair / MANIFEST).read_text())
+    manifest["engines"] = {"max_length": 128, "batch": [1, 1, 1], "target": {
+        "file": "target/model.fp32.engine", "backend": {"name": "tensorrt-rtx", "version": "1"}}}
+    (pair / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EdgetokError, match="runs on a CUDA GPU; this machine has none") as err:
+        generate(str(pair), prompt_ids=[1, 2], max_new_tokens=4, mode="target", backend="tensorrt")
+    assert "\n" not in str(err.value)
+
+
+def test_tensorrt_rtx_builds_every_decoder_of_the_shipped_pair(capsys, tmp_path_factory):
+    """build-engine PAIR: target, its tree variant and the draft, with the KV-cache profiles the manifest implies."""
+    pytest.importorskip("tensorrt_rtx")
+    if not (SHIPPED / "target" / "config.json").is_file():
+        pytest.skip("the shipped pair is exported by tools/train_spec_pair.py")
+    pair = tmp_path_factory.getbasetemp() / "shipped_pair"
+    if not pair.exists():
+        export_pair(str(SHIPPED / "target"), str(SHIPPED / "draft"), str(pair))
+    code, out, err = run_cli(capsys, "build-engine", str(pair), "--backend", "tensorrt-rtx", "--k", "5")
+    assert code == 0, err
+    manifest = json.loads((pair / MANIFEST).read_text())
+    engines, length = manifest["engines"], manifest["max_length"]
+    assert engines["max_length"] == length and set(engines) >= {"target", "target_tree", "draft"}
+    for role, query_opt in (("target", 6), ("target_tree", 17), ("draft", 1)):
+        assert (pair / engines[role]["file"]).is_file()
+        profile = {p["name"]: p for p in engines[role]["profiles"][0]}
+        entry = manifest["draft" if role == "draft" else "target"]
+        key = profile["past_key_values.0.key"]
+        assert key["min"] == [1, entry["num_key_value_heads"], 0, entry["head_size"]]
+        assert key["max"] == [1, entry["num_key_value_heads"], length - 1, entry["head_size"]]
+        assert profile["input_ids"]["opt"] == [1, query_opt] and profile["input_ids"]["max"] == [1, length]
+        report = json.loads((pair / (engines[role]["file"] + ".build.json")).read_text())
+        assert report["network_outputs"][0]["shape"] == [-1, -1, manifest["vocab_size"]]
+    assert profile["attention_mask"]["max"] == [1, length]
+    tree = {p["name"]: p for p in engines["target_tree"]["profiles"][0]}["attention_mask"]
+    assert tree["max"] == [1, 1, length, length] and "built 3 engines" in out
+    # fp16: onnxconverter-common's conversion of these decoders is a graph ONNX Runtime rejects; one line, and the
+    # fp32 engines and their record stay as they were.
+    code, _, err = run_cli(capsys, "build-engine", str(pair), "--backend", "tensorrt-rtx", "--precision", "fp16")
+    assert_one_line_error(code, err, "the fp16 conversion of model.onnx is not a valid graph", "--precision fp32")
+    assert json.loads((pair / MANIFEST).read_text())["engines"] == engines
 
 
 def test_pair_with_other_tokenizer_of_same_size_is_refused(capsys, tmp_path):

@@ -71,6 +71,23 @@ def _graph_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     }
 
 
+def example_inputs(model: onnx.ModelProto, profiles: list[InputProfile]) -> dict[str, np.ndarray]:
+    """One input per profile at its MIN shape, typed as the graph declares: floats random, integers 1 (a valid
+    token, position, mask value), booleans True (a decoder's mask: attend everywhere)."""
+    rng = np.random.default_rng(0)
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in model.graph.input}
+    inputs = {}
+    for p in profiles:
+        dtype = types.get(p.name, np.dtype(np.float32))
+        if dtype == np.float32:
+            inputs[p.name] = rng.standard_normal(p.min, dtype=np.float32)
+        elif np.issubdtype(dtype, np.floating):
+            inputs[p.name] = rng.standard_normal(p.min).astype(dtype)
+        else:
+            inputs[p.name] = np.ones(p.min, dtype)
+    return inputs
+
+
 def default_batch(side: dict | None) -> str:
     """The sidecar's batch profile, else 1:1:1 (a static-batch engine)."""
     if side and "batch_profile" in side.get("onnx", {}):
@@ -422,9 +439,14 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             onnx_to_parse = work / f"{source.stem}.fp16.onnx"
             convert_to_fp16(source, onnx_to_parse)
             say("validating the fp16 ONNX in ONNX Runtime")
-            rng = np.random.default_rng(0)
-            inputs = {p.name: rng.standard_normal(p.min, dtype=np.float32) for p in profiles}
-            conversion = compare_precisions(source, onnx_to_parse, inputs)
+            try:
+                conversion = compare_precisions(source, onnx_to_parse, example_inputs(model, profiles))
+            except EdgetokError:
+                raise
+            except Exception as exc:  # the converter wrote a graph ONNX Runtime will not load (seen on LLM decoders)
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+                raise EdgetokError(f"the fp16 conversion of {source.name} is not a valid graph ({reason}); build it "
+                                   "with --precision fp32") from None
 
         counts, kept = {}, {}
         if uses and (sizes_outputs(model) or attention_kept_outputs(model)):

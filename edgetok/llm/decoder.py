@@ -108,6 +108,10 @@ class DecoderWithCache(nn.Module):
         self.layers = lm.layers
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        # In eval mode from the start: torch.onnx.export puts a module back in the mode it found it in, and a new
+        # nn.Module is in training mode, which would switch the model's dropout on after the first export (GPT-2
+        # and OPT have 0.1 dropouts: the checks then compared ONNX Runtime with a model dropping activations).
+        self.eval()
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -120,6 +124,22 @@ class DecoderWithCache(nn.Module):
         for layer in present.layers:
             flat += [layer.keys, layer.values]
         return (out.logits, *flat)
+
+
+class DecoderWithTree(DecoderWithCache):
+    """The tree-verify variant: ``attention_mask`` is boolean [B, 1, q, past + q] (True: may attend) and the
+    positions are explicit, so one forward scores several branches (each token sees the cache and its ancestors)."""
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        additive = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill(
+            attention_mask.logical_not(), torch.finfo(torch.float32).min)
+        return super().forward(input_ids, additive, position_ids, *past)
+
+
+def causal_mask(batch: int, past: int, seq: int) -> torch.Tensor:
+    """The tree variant's mask for a plain chain: row i sees the past and tokens 0..i."""
+    rows = torch.arange(seq)[:, None] + past
+    return (torch.arange(past + seq)[None, :] <= rows).expand(batch, 1, seq, past + seq).contiguous()
 
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:
@@ -140,21 +160,44 @@ def _example(lm: CausalLM, batch: int, seq: int, past_len: int, seed: int = 0):
     return ids, mask, pos, past
 
 
-def export_decoder(lm: CausalLM, path: Path, opset: int = 17) -> None:
+def check_exportable(lm: CausalLM) -> None:
+    """Refuse, in one line naming the model type and why, the families one graph with explicit positions cannot
+    serve (checked before anything is traced)."""
+    kind = lm.config.model_type
+    params = inspect.signature(lm.model.forward).parameters
+    if "position_ids" not in params:
+        raise EdgetokError(f"{kind} cannot be exported as a KV-cache decoder: its forward takes no position_ids (its "
+                           "positions come from the mask, e.g. ALiBi), and verifying k tokens or a tree needs them")
+    if getattr(lm.config, "alibi", False):
+        raise EdgetokError(f"{kind} with alibi=True cannot be exported as a KV-cache decoder: ALiBi biases come from the "
+                           "mask, not position_ids, so a tree's branches would see the wrong distances")
+
+
+def export_decoder(lm: CausalLM, path: Path, opset: int = 17, tree: bool = False) -> None:
     """TorchScript-based export, traced with batch 2, sequence 3 and a past of 4 (a past of 0 or a
-    size-1 axis would be specialised away); every axis that varies is named."""
+    size-1 axis would be specialised away); every axis that varies is named. ``tree``: the tree-verify variant
+    (DecoderWithTree)."""
     inputs, outputs = io_names(lm.layers)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+    mask_axes = {0: "batch", 2: "sequence", 3: "total_sequence"} if tree else {0: "batch", 1: "total_sequence"}
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": mask_axes,
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     for name in inputs[3:]:
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total_sequence"}
     ids, mask, pos, past = _example(lm, batch=2, seq=3, past_len=4)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(DecoderWithCache(lm), (ids, mask, pos, *past), str(path), dynamo=False,
-                          opset_version=opset, input_names=inputs, output_names=outputs, dynamic_axes=axes)
+    if tree:
+        mask = causal_mask(2, 4, 3)
+    check_exportable(lm)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export((DecoderWithTree if tree else DecoderWithCache)(lm), (ids, mask, pos, *past), str(path),
+                              dynamo=False, opset_version=opset, input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes)
+    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EdgetokError(f"{lm.config.model_type} could not be exported as a KV-cache decoder: {reason}") from None
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -164,8 +207,9 @@ def export_decoder(lm: CausalLM, path: Path, opset: int = 17) -> None:
             raise EdgetokError(f"export fixed the batch of {value.name} to {dims[0]}; please report this model")
 
 
-def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4) -> dict:
-    """ONNX Runtime vs PyTorch on every phase, at a batch and lengths the export never saw."""
+def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4, tree: bool = False) -> dict:
+    """ONNX Runtime vs PyTorch on every phase, at a batch and lengths the export never saw (the tree variant
+    with the causal 4-D mask of each phase, and PyTorch given the plain mask: the variant must equal the model)."""
     from edgetok.onnx.validate import ort_session
 
     session = ort_session(str(path))
@@ -174,6 +218,12 @@ def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4) -> dict:
     results = {}
 
     def both(ids, mask, pos, past):
+        if tree:
+            feed = dict(zip(inputs, [t.numpy() for t in (ids, causal_mask(ids.shape[0], past[0].shape[2],
+                                                                          ids.shape[1]), pos, *past)]))
+            with torch.no_grad():
+                ref = [t.numpy() for t in wrapper(ids, mask, pos, *past)]
+            return ref, session.run(None, feed)
         with torch.no_grad():
             ref = [t.numpy() for t in wrapper(ids, mask, pos, *past)]
         feed = dict(zip(inputs, [t.numpy() for t in (ids, mask, pos, *past)]))

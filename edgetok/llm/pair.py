@@ -24,6 +24,8 @@ from edgetok.llm.decoder import (
 )
 
 MANIFEST = "edgetok_pair.json"
+TREE_MASK = "bool [batch, 1, sequence, past_sequence + sequence]: True where a token may attend (the cache, itself, " \
+            "its ancestors)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model")
 
@@ -69,7 +71,9 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
     say(f"loading target {target}")
     t_lm = load_causal_lm(target)
     t_tok = _tokenizer(target)
-    if draft.startswith("layer-skip:"):
+    if draft == "none":  # a target alone: draft-free modes only (lookahead, prompt lookup)
+        d_lm, d_tok = None, t_tok
+    elif draft.startswith("layer-skip:"):
         try:
             n = int(draft.split(":", 1)[1])
         except ValueError:
@@ -78,13 +82,16 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
     else:
         say(f"loading draft {draft}")
         d_lm, d_tok = load_causal_lm(draft), _tokenizer(draft)
-    _check_compatible(t_lm, d_lm, t_tok, d_tok, draft)
+    if d_lm is not None:
+        _check_compatible(t_lm, d_lm, t_tok, d_tok, draft)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise EdgetokError(f"-o {out} exists and is not empty; choose a new folder")
 
     with atomic.staging_dir(out_dir) as stage:
-        entries = {}
+        entries = {"draft": None}
         for role, lm in (("target", t_lm), ("draft", d_lm)):
+            if lm is None:
+                continue
             (stage / role).mkdir()
             path = stage / role / "model.onnx"
             say(f"exporting the {role} decoder ({lm.layers} layers)")
@@ -93,6 +100,10 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
             validation = check_decoder(lm, path)
             entries[role] = {"file": f"{role}/model.onnx", "source": lm.source, "weights": lm.weights,
                              **lm.shapes(), "validation": validation}
+        say("exporting the target's tree-verify variant (boolean [batch, 1, q, past + q] mask, explicit positions)")
+        export_decoder(t_lm, stage / "target" / "tree.onnx", tree=True)
+        entries["target"]["tree"] = {"file": "target/tree.onnx", "attention_mask": TREE_MASK,
+                                     "validation": check_decoder(t_lm, stage / "target" / "tree.onnx", tree=True)}
         tok_info = None
         if t_tok is not None:
             (stage / "tokenizer").mkdir()
@@ -100,9 +111,8 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
                 if (Path(target) / name).is_file():
                     shutil.copy2(Path(target) / name, stage / "tokenizer" / name)
             tok_info = {"folder": "tokenizer", "sha256": tokenizer_hash(t_tok), "size": len(t_tok)}
-        max_length = min(x for x in (entries["target"]["max_position_embeddings"],
-                                     entries["draft"]["max_position_embeddings"]) if x) if any(
-            (entries["target"]["max_position_embeddings"], entries["draft"]["max_position_embeddings"])) else None
+        lengths = [e["max_position_embeddings"] for e in (entries["target"], entries["draft"]) if e]
+        max_length = min((x for x in lengths if x), default=None)
         manifest = sidecar.stamp({
             "kind": "spec-pair",
             "target": entries["target"],
@@ -140,6 +150,8 @@ def read_manifest(folder: str) -> dict:
             for field in ("file", "folder"):
                 if field in entry:
                     inside(folder, entry[field], f"{MANIFEST} {key}.{field}")
+            if isinstance(entry.get("tree"), dict):
+                inside(folder, entry["tree"].get("file"), f"{MANIFEST} {key}.tree.file")
     return manifest
 
 
@@ -156,10 +168,15 @@ def inside(folder: str, relative, what: str) -> Path:
 
 
 def summary(manifest: dict) -> str:
-    lines = [f"wrote {manifest['path']} ({MANIFEST}, target/model.onnx, draft/model.onnx)"]
+    files = "target/model.onnx, target/tree.onnx" + (", draft/model.onnx" if manifest["draft"] else ", no draft")
+    lines = [f"wrote {manifest['path']} ({MANIFEST}, {files})"]
     for role in ("target", "draft"):
         e = manifest[role]
+        if e is None:
+            continue
         worst = max(e["validation"]["max_abs_diff"].values())
+        if e.get("tree"):
+            worst = max(worst, *e["tree"]["validation"]["max_abs_diff"].values())
         layers = f"{e['num_hidden_layers']} layer" + ("s" if e["num_hidden_layers"] != 1 else "")
         lines.append(f"  {role:7s} {e['source']} ({e['model_type']}, {layers}, hidden "
                      f"{e['hidden_size']}, weights: {e['weights']}); ONNX Runtime vs PyTorch max |diff| {worst:.1e} "

@@ -8,8 +8,16 @@ import resource
 import numpy as np
 
 from edgetok import sidecar
+from edgetok.errors import EdgetokError
 from edgetok.llm.pair import inside
-from edgetok.llm.runtime import encode_prompt, generate_speculative, generate_target, open_pair
+from edgetok.llm.runtime import (
+    encode_prompt,
+    generate_draft_free,
+    generate_speculative,
+    generate_target,
+    open_decoder,
+    open_pair,
+)
 from edgetok.profile.environment import environment
 
 # Code openings: the shipped pair writes Python; any pair gets them through its own tokenizer.
@@ -48,27 +56,49 @@ def estimate_speedup(alpha: float, k: int, costs: dict) -> float:
 
 def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: list[str] | None = None,
                  temperature: float = 0.0, adaptive_k: bool = False, draft_device: str = "cpu",
-                 target_device: str = "cpu", draft_threads: int = 1, target_threads: int = 0) -> dict:
-    manifest, target, draft = open_pair(folder, draft_device, target_device, draft_threads, target_threads)
+                 target_device: str = "cpu", draft_threads: int = 1, target_threads: int = 0,
+                 modes: list[str] | None = None, ngram: int = 4, branches: int = 4, tokens: int = 16,
+                 backend: str = "onnxruntime") -> dict:
+    """Target-only generation against each mode (default: speculative when the pair has a draft, lookahead when
+    its target has the tree variant, prompt lookup), the same prompts, the modes' runs after the target's."""
+    manifest, target, draft = open_pair(folder, draft_device, target_device, draft_threads, target_threads,
+                                        backend=backend)
+    available = (["speculative"] if draft else []) + (["lookahead"] if manifest["target"].get("tree") else []) \
+        + ["prompt-lookup"]
+    modes = modes or available
+    missing = [m for m in modes if m not in available]
+    if missing:
+        raise EdgetokError(f"--modes {missing[0]}: {folder} offers {', '.join(available)}")
+    tree = open_decoder(folder, manifest, "target_tree", backend, target_device, target_threads) \
+        if "lookahead" in modes else None
     if manifest["tokenizer"] is not None:
         ids = [encode_prompt(manifest, folder, p, None) for p in (prompts or DEFAULT_PROMPTS)]
     else:
         rng = np.random.default_rng(0)
         ids = [list(map(int, rng.integers(0, manifest["vocab_size"], 16))) for _ in range(len(DEFAULT_PROMPTS))]
-    eos = None  # measure full-length generations
-    generate_target(target, ids[0], 8)  # warm-up both sessions
-    generate_speculative(target, draft, ids[0], 8, k)
-    runs = {"target": [], "speculative": []}
+    eos, limit = None, manifest.get("max_length")  # measure full-length generations
+
+    def run(mode: str, p: list[int], n: int):
+        if mode == "target":
+            return generate_target(target, p, n, temperature, 0, eos, limit)
+        if mode == "speculative":
+            return generate_speculative(target, draft, p, n, k, temperature, 0, eos, limit, adaptive_k)
+        return generate_draft_free(tree if mode == "lookahead" else target, p, n, mode, ngram, branches, tokens,
+                                   temperature, 0, eos, limit)
+
+    for mode in ["target", *modes]:  # warm-up every session
+        run(mode, ids[0], 8)
+    runs = {mode: [] for mode in ["target", *modes]}
     calls = {"decode": [], "verify": [], "draft": []}
     for p in ids:
-        mark = len(target.history)
-        runs["target"].append(generate_target(target, p, max_new_tokens, temperature, 0, eos, manifest.get("max_length")))
-        calls["decode"] += target.history[mark:]
-        mark, draft_mark = len(target.history), len(draft.history)
-        runs["speculative"].append(generate_speculative(target, draft, p, max_new_tokens, k, temperature, 0, eos,
-                                                        manifest.get("max_length"), adaptive_k))
-        calls["verify"] += target.history[mark:]
-        calls["draft"] += draft.history[draft_mark:]
+        for mode in runs:
+            mark, draft_mark = len(target.history), len(draft.history) if draft else 0
+            runs[mode].append(run(mode, p, max_new_tokens))
+            if mode == "target":
+                calls["decode"] += target.history[mark:]
+            elif mode == "speculative":
+                calls["verify"] += target.history[mark:]
+                calls["draft"] += draft.history[draft_mark:]
     rows = {}
     for mode, gens in runs.items():
         new = sum(len(g.tokens) for g in gens)
@@ -77,58 +107,71 @@ def profile_pair(folder: str, k: int = 4, max_new_tokens: int = 64, prompts: lis
         decode = sum(g.decode_s for g in gens)
         rows[mode] = {"prefill_ms": prefill / len(gens) * 1e3, "prefill_tokens_per_s": prompt_tokens / prefill,
                       "decode_tokens_per_s": new / decode, "new_tokens": new}
-        if mode == "speculative":
-            rounds = sum(g.rounds for g in gens)
-            rows[mode].update(acceptance_rate=sum(g.accepted for g in gens) / sum(g.proposed for g in gens),
+        if mode != "target":
+            rounds, proposed = sum(g.rounds for g in gens), sum(g.proposed for g in gens)
+            rows[mode].update(acceptance_rate=sum(g.accepted for g in gens) / proposed if proposed else None,
                               mean_accepted_per_round=sum(g.accepted for g in gens) / rounds,
-                              mean_tokens_per_round=new / rounds)
-    spec = rows["speculative"]
-    spec["speedup"] = spec["decode_tokens_per_s"] / rows["target"]["decode_tokens_per_s"]
-    same = all(t.tokens == s.tokens for t, s in zip(runs["target"], runs["speculative"]))
-    costs = call_costs(calls["decode"], calls["verify"], calls["draft"], k)
-    # The i.i.d. round model needs rounds that proposed exactly k (not budget-cut last rounds, not adaptive k).
-    full = [a for g in runs["speculative"] for a, n in zip(g.accepted_per_round, g.k_per_round) if n == k]
-    alpha = fitted_alpha(sum(full) / len(full), k) if full and not adaptive_k else None
+                              mean_tokens_per_round=new / rounds,  # = tokens per target call
+                              speedup=new / decode / rows["target"]["decode_tokens_per_s"],
+                              greedy_outputs_identical=all(t.tokens == g.tokens for t, g in zip(runs["target"], gens))
+                              if temperature == 0 else None)
+    costs = call_costs(calls["decode"], calls["verify"], calls["draft"], k) if draft and "speculative" in modes \
+        else None
+    alpha = None
+    if costs:  # the i.i.d. round model needs rounds that proposed exactly k (not budget-cut, not adaptive k)
+        full = [a for g in runs["speculative"] for a, n in zip(g.accepted_per_round, g.k_per_round) if n == k]
+        alpha = fitted_alpha(sum(full) / len(full), k) if full and not adaptive_k else None
+    roles = ["target"] + (["draft"] if draft else [])
     kv_bytes = {role: 2 * manifest[role]["num_hidden_layers"] * manifest[role]["num_key_value_heads"] *
-                manifest[role]["head_size"] * 4 * (manifest.get("max_length") or 0) for role in ("target", "draft")}
+                manifest[role]["head_size"] * 4 * (manifest.get("max_length") or 0) for role in roles}
     return sidecar.stamp({
         "kind": "pair-profile",
         "pair": str(folder),
         "settings": {"k": k, "adaptive_k": adaptive_k, "max_new_tokens": max_new_tokens, "prompts": len(ids),
-                     "temperature": temperature, "devices": {"target": target_device, "draft": draft_device},
+                     "temperature": temperature, "modes": modes, "backend": backend,
+                     "draft_free": {"ngram": ngram, "branches": branches, "tokens": tokens},
+                     "devices": {"target": target_device, "draft": draft_device},
                      "threads": {"target": target_threads or "all", "draft": draft_threads or "all"},
                      "allow_spinning": False},
         "target_only": rows["target"],
-        "speculative": spec,
-        "greedy_outputs_identical": same if temperature == 0 else None,
+        "modes": {m: rows[m] for m in modes},
+        "speculative": rows.get("speculative"),
+        "greedy_outputs_identical": all(rows[m]["greedy_outputs_identical"] for m in modes)
+        if temperature == 0 else None,
         "call_costs": costs,
         "round_model": {"alpha": alpha,
                         "estimated_speedup": estimate_speedup(alpha, k, costs) if alpha is not None else None,
                         "note": "not estimated: k adapts" if adaptive_k else None},
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "model_files_mb": {r: inside(folder, manifest[r]["file"], f"{r} file").stat().st_size / 2**20
-                                      for r in ("target", "draft")},
+                                      for r in roles},
                    "kv_cache_mb_at_max_length": {r: b / 2**20 for r, b in kv_bytes.items()}},
         "environment": environment(),
     })
 
 
 def markdown(report: dict) -> str:
-    t, s = report["target_only"], report["speculative"]
-    k = report["settings"]["k"]
-    lines = ["| mode | prefill ms | prefill tok/s | decode tok/s | acceptance | accepted/round | speedup |",
+    t = report["target_only"]
+    k, free = report["settings"]["k"], report["settings"]["draft_free"]
+    names = {"speculative": f"speculative k={k}", "lookahead": f"lookahead ({free['branches']} branches, "
+             f"{free['tokens']} tokens, n-gram {free['ngram']})",
+             "prompt-lookup": f"prompt lookup ({free['tokens']} tokens, n-gram {free['ngram']})"}
+    lines = ["| mode | prefill ms | prefill tok/s | decode tok/s | acceptance | tokens/target call | speedup |",
              "|---|---|---|---|---|---|---|",
              f"| target only | {t['prefill_ms']:.1f} | {t['prefill_tokens_per_s']:.0f} | {t['decode_tokens_per_s']:.1f} "
-             "| – | – | 1.00x |",
-             f"| speculative k={k} | {s['prefill_ms']:.1f} | {s['prefill_tokens_per_s']:.0f} | "
-             f"{s['decode_tokens_per_s']:.1f} | {s['acceptance_rate']:.2f} | {s['mean_accepted_per_round']:.2f} | "
-             f"{s['speedup']:.2f}x |"]
+             "| – | 1.00 | 1.00x |"]
+    for mode, s in report["modes"].items():
+        acceptance = "–" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.2f}"
+        lines.append(f"| {names[mode]} | {s['prefill_ms']:.1f} | {s['prefill_tokens_per_s']:.0f} | "
+                     f"{s['decode_tokens_per_s']:.1f} | {acceptance} | {s['mean_tokens_per_round']:.2f} | "
+                     f"{s['speedup']:.2f}x |")
     est = report["round_model"]
     lines.append("")
     if est["estimated_speedup"] is not None:
+        measured = report["modes"]["speculative"]["speedup"]
         lines.append(f"round model: alpha {est['alpha']:.2f}, estimated speedup {est['estimated_speedup']:.2f}x; "
-                     f"measured / estimate {s['speedup'] / est['estimated_speedup']:.2f}")
+                     f"measured / estimate {measured / est['estimated_speedup']:.2f}")
     lines.append(f"peak RSS {report['memory']['peak_rss_mb']:.0f} MB")
     if report["greedy_outputs_identical"] is not None:
-        lines.append(f"greedy speculative output identical to target-only: {report['greedy_outputs_identical']}")
+        lines.append(f"greedy outputs identical to target-only: {report['greedy_outputs_identical']}")
     return "\n".join(lines)

@@ -22,7 +22,57 @@ from edgetok.llm.pair import inside, read_manifest
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class OrtDecoder:
+def tree_inputs(past: int, parents: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The tree variant's mask [1, 1, q, past + q] (row i: the cache, the root, i's ancestors and i) and
+    positions [q] (past + depth) for the root and the nodes under ``parents`` (-1: the root; parents first)."""
+    n = 1 + len(parents)
+    seen = np.eye(n, dtype=bool)
+    depth = np.zeros(n, np.int64)
+    for i, parent in enumerate(parents, start=1):
+        seen[i] |= seen[parent + 1]  # the parent's row already holds the parent and its ancestors
+        depth[i] = depth[parent + 1] + 1
+    return np.concatenate([np.ones((n, past), bool), seen], axis=1)[None, None], past + depth
+
+
+class Decoder:
+    """What every decoder backend shares: the calls a generation makes, built on the backend's ``_run``
+    (tokens, mask, positions -> logits, the cache grown), ``_empty`` cache, ``crop`` and ``keep``."""
+
+    tree: bool  # the tree variant: a boolean [B, 1, q, past + q] mask, explicit positions
+    cache: list
+
+    def reset(self) -> None:
+        self.cache = [self._empty()] * (2 * self.layers)
+        self.calls, self.seconds = 0, 0.0
+
+    @property
+    def length(self) -> int:
+        return self.cache[0].shape[2]
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Run the tokens the cache lacks; returns their logits [len(tokens), vocab]; the cache grows."""
+        n, past = len(tokens), self.length
+        if self.tree:  # a chain is the tree whose every token hangs under the one before
+            return self.feed_tree(tokens[0], tokens[1:], list(range(-1, n - 2)))
+        return self._run(tokens, np.ones((1, past + n), np.int64), np.arange(past, past + n, dtype=np.int64))
+
+    def feed_tree(self, root: int, tokens: list[int], parents: list[int]) -> np.ndarray:
+        """One call for a token tree: ``root`` (the token the cache lacks) then ``tokens``, each under
+        ``parents[i]`` (-1: the root); every row sees the cache, itself and its ancestors. Returns the logits
+        [1 + len(tokens), vocab]; the cache grows by all of them (``keep`` picks the accepted path's rows)."""
+        if not self.tree:
+            raise EdgetokError("this decoder was exported without the tree mask (target/tree.onnx); export the pair "
+                               "again to verify several branches in one call")
+        mask, positions = tree_inputs(self.length, parents)
+        return self._run([root, *tokens], mask, positions)
+
+    def _record(self, tokens: int, seconds: float) -> None:
+        self.seconds += seconds
+        self.calls += 1
+        self.history.append((tokens, seconds))
+
+
+class OrtDecoder(Decoder):
     """One exported decoder on ONNX Runtime, with its KV cache."""
 
     def __init__(self, path: Path, entry: dict, device: str = "cpu", threads: int = 0):
@@ -43,33 +93,22 @@ class OrtDecoder:
         self.layers, self.kv_heads, self.head = entry["num_hidden_layers"], entry["num_key_value_heads"], entry["head_size"]
         self.device, self.threads = device, threads
         self.names = [o.name for o in self.session.get_outputs()]
+        mask = next(i for i in self.session.get_inputs() if i.name == "attention_mask")
+        self.tree = len(mask.shape) == 4  # the tree variant: a boolean [B, 1, q, past + q] mask, explicit positions
         self.history: list[tuple[int, float]] = []  # (tokens fed, seconds) of every call, kept across resets
         self.reset()
 
-    def reset(self) -> None:
-        empty = np.zeros((1, self.kv_heads, 0, self.head), np.float32)
-        self.cache = [empty] * (2 * self.layers)
-        self.calls, self.seconds = 0, 0.0
+    def _empty(self) -> np.ndarray:
+        return np.zeros((1, self.kv_heads, 0, self.head), np.float32)
 
-    @property
-    def length(self) -> int:
-        return self.cache[0].shape[2]
-
-    def feed(self, tokens: list[int]) -> np.ndarray:
-        """Run the tokens the cache lacks; returns their logits [len(tokens), vocab]; the cache grows."""
-        n, past = len(tokens), self.length
-        inputs = {"input_ids": np.array([tokens], np.int64),
-                  "attention_mask": np.ones((1, past + n), np.int64),
-                  "position_ids": np.arange(past, past + n, dtype=np.int64)[None]}
+    def _run(self, tokens: list[int], mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        inputs = {"input_ids": np.array([tokens], np.int64), "attention_mask": mask, "position_ids": positions[None]}
         for i in range(self.layers):
             inputs[f"past_key_values.{i}.key"] = self.cache[2 * i]
             inputs[f"past_key_values.{i}.value"] = self.cache[2 * i + 1]
         start = time.perf_counter()
         out = self.session.run(None, inputs)
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        self.calls += 1
-        self.history.append((n, seconds))
+        self._record(len(tokens), time.perf_counter() - start)
         self.cache = out[1:]
         return out[0][0]
 
@@ -77,18 +116,51 @@ class OrtDecoder:
         """Forget every cached token from ``length`` on (rejected proposals): exact, a slice."""
         self.cache = [c[:, :, :length] for c in self.cache]
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these cached rows, in this order (a tree's accepted path after the cache before it)."""
+        index = np.asarray(rows, np.int64)
+        self.cache = [np.take(c, index, axis=2) for c in self.cache]
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
 
 def open_pair(folder: str, draft_device: str = "cpu", target_device: str = "cpu", draft_threads: int = 1,
-              target_threads: int = 0) -> tuple[dict, OrtDecoder, OrtDecoder]:
-    """Both decoders of a pair. The draft gets one thread by default: its kernels are too small to gain
-    from more (measured here: 0.12 ms per step on one thread, 0.17 ms on two), and a second thread pool
-    only competes with the target's."""
+              target_threads: int = 0, tree: bool = False, backend: str = "onnxruntime"):
+    """(manifest, target, draft) of a pair (draft None for a target exported alone). The draft gets one thread by
+    default: its kernels are too small to gain from more (measured here: 0.12 ms per step on one thread, 0.17 ms
+    on two), and a second thread pool only competes with the target's. ``tree``: the target's tree-verify variant.
+    ``backend`` tensorrt: the engines `edgetok build-engine PAIR` recorded (a GPU's, whatever the devices say)."""
     manifest = read_manifest(folder)
-    target = OrtDecoder(inside(folder, manifest["target"]["file"], "target file"), manifest["target"], target_device,
-                        target_threads)
-    draft = OrtDecoder(inside(folder, manifest["draft"]["file"], "draft file"), manifest["draft"], draft_device,
-                       draft_threads)
+    target = open_decoder(folder, manifest, "target_tree" if tree else "target", backend, target_device,
+                          target_threads)
+    draft = None
+    if manifest.get("draft"):
+        draft = open_decoder(folder, manifest, "draft", backend, draft_device, draft_threads)
     return manifest, target, draft
+
+
+def open_decoder(folder: str, manifest: dict, role: str, backend: str = "onnxruntime", device: str = "cpu",
+                 threads: int = 0):
+    """One decoder of a pair: ``role`` target, target_tree or draft, on ONNX Runtime or as its engine."""
+    if backend not in BACKENDS:
+        raise EdgetokError(f"--backend {backend!r} for a pair is unknown; choose {', '.join(BACKENDS)}")
+    entry = manifest["draft" if role == "draft" else "target"]
+    if role == "target_tree" and not entry.get("tree"):
+        raise EdgetokError(f"{folder} has no tree-verify target (target/tree.onnx); export the pair again with this "
+                           "edgetok for --mode lookahead")
+    if backend == "onnxruntime":
+        relative = entry["tree"]["file"] if role == "target_tree" else entry["file"]
+        return OrtDecoder(inside(folder, relative, f"{role} file"), entry, device, threads)
+    from edgetok.llm.trt_decoder import TrtDecoder
+
+    engines = manifest.get("engines")
+    if not engines or role not in engines:
+        what = f"no {role} engine" if engines else "no engines"
+        raise EdgetokError(f"{folder} has {what}; build them with `edgetok build-engine {folder}`")
+    built = engines[role]
+    library = built["backend"]["name"].replace("-", "_")  # tensorrt or tensorrt_rtx
+    return TrtDecoder(inside(folder, built["file"], f"{role} engine"), entry, library)
 
 
 def _probs(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -229,6 +301,92 @@ def generate_speculative(target: OrtDecoder, draft: OrtDecoder, prompt: list[int
     return gen
 
 
+def _walk(scores: np.ndarray, tree, greedy: bool, temperature: float, rng) -> tuple[list[int], int]:
+    """The accepted path (tree indices) and the token after it. Greedy: follow the child equal to the target's
+    argmax. Sampling: the proposals are deterministic (q = a point mass), so the rejection rule accepts child d
+    with probability p(d) and otherwise removes d from p and renormalises (the residual) before trying the next
+    child, then samples from what is left: the output follows the target's distribution exactly."""
+    node, path = -1, []
+    while True:
+        row = scores[node + 1]
+        kids = tree.children(node)
+        if greedy:
+            best = int(row.argmax())
+            nxt = next((c for c in kids if tree.tokens[c] == best), None)
+            if nxt is None:
+                return path, best
+        else:
+            p, nxt = _probs(row, temperature), None
+            for c in kids:
+                d = tree.tokens[c]
+                if rng.random() < p[d]:
+                    nxt = c
+                    break
+                p[d] = 0.0
+                p /= p.sum()
+            if nxt is None:
+                return path, int(rng.choice(len(p), p=p))
+        path.append(nxt)
+        node = nxt
+
+
+def generate_draft_free(target: OrtDecoder, prompt: list[int], max_new: int, mode: str = "lookahead",
+                        ngram: int = 4, branches: int = 4, tokens: int = 16, temperature: float = 0.0,
+                        seed: int = 0, eos: int | None = None, max_length: int | None = None) -> Generation:
+    """Lookahead (a token tree from the n-gram trie, one tree-mask call) or prompt lookup (one chain, a plain
+    (k+1)-token call): no draft model; every round keeps what the target itself generates."""
+    from edgetok.llm.lookahead import Tree, TrieIndex, prompt_lookup
+
+    _check_request(prompt, max_new, 1, max_length, 1 << 62)
+    _check_draft_free(ngram, branches, tokens)
+    rng = np.random.default_rng(seed)
+    greedy = temperature == 0
+    prefill = _prefill([target], prompt)
+    seq, out = list(prompt), []
+    index = TrieIndex(ngram, tokens) if mode == "lookahead" else None
+    if index is not None:
+        index.extend(seq)
+    gen = Generation(out, len(prompt), prefill, 0.0)
+    start = time.perf_counter()
+    while len(out) < max_new:
+        tree = index.draft(branches, tokens) if index is not None else prompt_lookup(seq, ngram, tokens)
+        room = min(max_new - len(out), (max_length - len(seq)) if max_length else max_new) - 1  # the bonus too
+        keep = [i for i in range(len(tree)) if tree.depth(i) <= room]  # parents come first, so this stays a tree
+        tree = Tree([tree.tokens[i] for i in keep], [keep.index(tree.parents[i]) if tree.parents[i] >= 0 else -1
+                                                     for i in keep])
+        past = target.length
+        if tree.is_chain():
+            scores = target.feed([seq[-1], *tree.tokens])
+        else:
+            scores = target.feed_tree(seq[-1], tree.tokens, tree.parents)
+        path, token = _walk(scores, tree, greedy, temperature, rng)
+        new = [tree.tokens[i] for i in path] + [token]
+        if eos is not None and eos in new:
+            new = new[: new.index(eos) + 1]
+        new = new[: max_new - len(out)]
+        accepted = len(new) - 1 if len(new) > len(path) else len(new)
+        target.keep(list(range(past + 1)) + [past + 1 + i for i in path[:len(new) - 1]])
+        seq += new
+        out += new
+        if index is not None:
+            index.extend(new)
+        gen.rounds += 1
+        gen.proposed += len(tree)
+        gen.accepted += accepted
+        gen.accepted_per_round.append(accepted)
+        gen.k_per_round.append(len(tree))
+        if eos is not None and out and out[-1] == eos:
+            break
+    gen.decode_s = time.perf_counter() - start
+    return gen
+
+
+def _check_draft_free(ngram: int, branches: int, tokens: int) -> None:
+    for name, value in (("--ngram", ngram), ("--branches", branches), ("--tokens", tokens)):
+        if value < 1:
+            raise EdgetokError(f"{name} {value} must be >= 1")
+
+
 def encode_prompt(manifest: dict, folder: str, text: str | None, ids: list[int] | None) -> list[int]:
     if (text is None) == (ids is None):
         raise EdgetokError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -252,30 +410,45 @@ def _tokenizer(folder: str, manifest: dict):
         raise hf.load_error(path, "the tokenizer", exc) from None
 
 
+MODES = ("target", "speculative", "lookahead", "prompt-lookup")
+
+
 def generate(folder: str, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 64,
              mode: str = "speculative", k: int = 4, temperature: float = 0.0, seed: int = 0,
-             draft_device: str = "cpu", target_device: str = "cpu", adaptive_k: bool = False) -> dict:
+             draft_device: str = "cpu", target_device: str = "cpu", adaptive_k: bool = False, ngram: int = 4,
+             branches: int = 4, tokens: int = 16, backend: str = "onnxruntime") -> dict:
     """One generation, as `edgetok generate` reports it (JSON-ready)."""
-    if mode not in ("target", "speculative"):
-        raise EdgetokError(f"--mode {mode!r} is unknown; choose target or speculative")
+    if mode not in MODES:
+        raise EdgetokError(f"--mode {mode!r} is unknown; choose {', '.join(MODES)}")
+    _check_draft_free(ngram, branches, tokens)
     if not temperature >= 0 or temperature == float("inf"):
         raise EdgetokError(f"--temperature {temperature} must be a finite number >= 0 (0 is greedy)")
     manifest = read_manifest(folder)
     ids = encode_prompt(manifest, folder, prompt, prompt_ids)
     _check_request(ids, max_new_tokens, k if mode == "speculative" else 1, manifest.get("max_length"),
                    manifest["vocab_size"])
-    manifest, target, draft = open_pair(folder, draft_device, target_device)
+    if mode == "speculative" and not manifest.get("draft"):
+        raise EdgetokError(f"{folder} holds a target alone (exported with --draft none); use --mode lookahead, "
+                           "prompt-lookup or target")
+    manifest, target, draft = open_pair(folder, draft_device, target_device, tree=mode == "lookahead",
+                                        backend=backend)
     eos = manifest["special_tokens"].get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     if mode == "target":
         gen = generate_target(target, ids, max_new_tokens, temperature, seed, eos, manifest.get("max_length"))
-    else:
+    elif mode == "speculative":
         gen = generate_speculative(target, draft, ids, max_new_tokens, k, temperature, seed, eos,
                                    manifest.get("max_length"), adaptive_k)
-    result = {"mode": mode, "k": k if mode == "speculative" else None, "temperature": temperature, "seed": seed,
+    else:
+        gen = generate_draft_free(target, ids, max_new_tokens, mode, ngram, branches, tokens, temperature, seed, eos,
+                                  manifest.get("max_length"))
+    result = {"mode": mode, "backend": backend, "k": k if mode == "speculative" else None, "temperature": temperature,
+              "seed": seed,
               "prompt_ids": ids, **gen.as_dict(),
               "devices": {"target": target_device, "draft": draft_device if mode == "speculative" else None},
-              "calls": {"target": target.calls, "draft": draft.calls}}
+              "calls": {"target": target.calls, "draft": draft.calls if draft is not None else 0}}
+    if mode in ("lookahead", "prompt-lookup"):
+        result["draft_free"] = {"ngram": ngram, "branches": branches if mode == "lookahead" else 1, "tokens": tokens}
     if manifest["tokenizer"] is not None:
         result["text"] = _tokenizer(folder, manifest).decode(gen.tokens)
     return result

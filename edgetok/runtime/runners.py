@@ -258,6 +258,8 @@ class TorchRunner(Runner):
             method = red.pop("method")
             kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
                       "pitome": {"r_schedule": red.get("r_per_layer")},
+                      "zerotprune": {"r_schedule": red.get("r_per_layer"), "head_variance": red.get("head_variance"),
+                                     "similarity_share": red.get("similarity_share")},
                       "gtp": {"propagate": red.get("propagate_per_layer"), "alpha": red.get("alpha"),
                               "graph": red.get("graph")},
                       "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")},

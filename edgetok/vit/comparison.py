@@ -3,7 +3,7 @@ own run — export, eval against the dense export (top-1, top-1 agreement, KL), 
 table and one plot.
 
 Each method's setting is the one whose planned GMACs come closest to each target (a fraction of the dense
-model's): ToMe and PiToMe by r, GTP by P (tokens per block, constant), EViT by its keep rate (0.01 steps).
+model's): ToMe, PiToMe and Zero-TPrune by r, GTP by P (tokens per block, constant), EViT by its keep rate (0.01 steps).
 ATS and dtome keep a number of tokens that follows the image, so they cannot be matched in advance; run them
 with `edgetok eval`, which reports their GMACs per image.
 """
@@ -16,7 +16,7 @@ from typing import Callable
 
 from edgetok.errors import EdgetokError
 
-METHODS = ("tome", "pitome", "gtp", "evit")
+METHODS = ("tome", "pitome", "zerotprune", "gtp", "evit")
 
 
 @dataclass
@@ -34,7 +34,7 @@ class CompareOptions:
 
 def _settings(method: str, depth: int) -> list[dict]:
     """Every setting of a method's one knob, constant across blocks."""
-    if method in ("tome", "pitome"):
+    if method in ("tome", "pitome", "zerotprune"):
         return [{"r": r} for r in range(1, 200)]
     if method == "gtp":
         return [{"propagate": str(p)} for p in range(1, 200)]
@@ -60,7 +60,8 @@ def match(vit, method: str, target: float) -> tuple[dict, float] | None:
 
 def _label(method: str, setting: dict) -> str:
     value = next(iter(setting.values()))
-    return {"tome": f"tome r={value}", "pitome": f"pitome r={value}", "gtp": f"gtp p={value}",
+    return {"tome": f"tome r={value}", "pitome": f"pitome r={value}", "zerotprune": f"zerotprune r={value}",
+            "gtp": f"gtp p={value}",
             "evit": f"evit {value}"}[method]
 
 

@@ -41,6 +41,8 @@ class ViTExportOptions:
     propagate: str | None = None  # gtp: tokens propagated per block ("8" or "8,8,4,...")
     alpha: float | None = None  # gtp: weight of the propagated tokens (default 0.1)
     graph: str | None = None  # gtp: spatial | semantic | mixed (default spatial)
+    head_variance: str | None = None  # zerotprune: "LOW,HIGH" of the heads combined (default 0.01,0.7)
+    similarity_share: float | None = None  # zerotprune: share of each block's r its S stage prunes (default 0.5)
     img_size: int | None = None
     batch: int = 1
     opset: int = 17
@@ -67,6 +69,7 @@ def default_output(opts: ViTExportOptions) -> Path:
            "ats": f"ats_b{opts.ats_budget if opts.ats_budget is not None else 1.0}",
            "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}",
            "pitome": f"pitome_r{opts.r}" if opts.r is not None else f"pitome_k{opts.keep_rate}",
+           "zerotprune": f"zerotprune_r{opts.r}" if opts.r is not None else f"zerotprune_k{opts.keep_rate}",
            "gtp": f"gtp_p{opts.propagate}".replace(",", "-")}.get(opts.method, opts.method)
     if opts.plugins:
         tag += "_plugins"
@@ -91,7 +94,8 @@ def sparsity_of(opts: ViTExportOptions):
 
 
 REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
-                "calibrate", "cap", "propagate", "alpha", "graph", "img_size", "plugins", "attention",
+                "calibrate", "cap", "propagate", "alpha", "graph", "head_variance",
+                "similarity_share", "img_size", "plugins", "attention",
                 "attention_block", "attention_mass", "attention_keep")
 
 
@@ -143,7 +147,8 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
                            "`edgetok data digits --split train`")
     method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
                          opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap,
-                         defaults=vit.method_defaults, propagate=opts.propagate, alpha=opts.alpha, graph=opts.graph)
+                         defaults=vit.method_defaults, propagate=opts.propagate, alpha=opts.alpha, graph=opts.graph,
+                         head_variance=opts.head_variance, similarity_share=opts.similarity_share)
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")

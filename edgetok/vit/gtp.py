@@ -64,6 +64,7 @@ def semantic_graph(x: torch.Tensor) -> torch.Tensor:
 class GTP:
     name = "gtp"
     proportional_attention = True  # token scales: log(size) in attention
+    attention_probs = True  # ranks by the block's whole attention matrix: patch.py hands it over when it can
 
     def __init__(self, propagate: list[int], alpha: float, graph: str):
         if graph not in GRAPHS:
@@ -99,8 +100,10 @@ class GTP:
     def reduce(self, p: int, taps: dict, x: torch.Tensor, size: torch.Tensor, prefix: int, class_token: bool):
         if p == 0:
             return x, size
-        q, k, scale = taps["q"], taps["k"], taps["scale"]
-        attn = ((q @ k.transpose(-1, -2)) * scale + size.log()[:, None, None, :, 0]).softmax(dim=-1)
+        attn = taps.get("attn")  # the block's own softmax (with + log size), or computed again where not exposed
+        if attn is None:
+            q, k, scale = taps["q"], taps["k"], taps["scale"]
+            attn = ((q @ k.transpose(-1, -2)) * scale + size.log()[:, None, None, :, 0]).softmax(dim=-1)
         diagonal = attn.diagonal(dim1=-2, dim2=-1).amax(dim=1)[:, prefix:]
         received = attn.sum(dim=-2).amax(dim=1)[:, prefix:]
         order = rank_descending(diagonal * received)

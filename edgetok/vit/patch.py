@@ -74,7 +74,7 @@ class _ReducingMixin:
         if hasattr(state.method, "reduce"):  # a step of its own (data-dependent ones prune through a plugin op)
             size = state.size if state.size is not None else torch.ones_like(x[..., :1])
             x, state.size = state.method.reduce(amount, taps, x, size, state.prefix, state.class_token)
-            taps.pop("q"), taps.pop("k"), taps.pop("v", None)
+            taps.pop("q"), taps.pop("k"), taps.pop("v", None), taps.pop("attn", None)
             return x
         if state.plugins and amount and hasattr(state.method, "plugin_step"):
             size = state.size if state.size is not None else torch.ones_like(x[..., :1])
@@ -82,6 +82,8 @@ class _ReducingMixin:
             taps.pop("q")
             return x
         layer = {"layer": self._edgetok_layer} if getattr(state.method, "per_layer", False) else {}
+        if getattr(state.method, "attention_probs", False):  # the block's own probabilities, when it exposed them
+            layer["attn"] = taps.pop("attn", None)
         step = state.method.transform(amount, taps["q"], taps["k"], taps["scale"], state.prefix, state.class_token,
                                       **layer)
         taps.pop("q"), taps.pop("k")
@@ -151,6 +153,12 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
             block.attn.k_norm.register_forward_hook(_tap(taps, "k"))
             if getattr(method, "data_dependent", False):  # ATS scores tokens by their values' norm too
                 block.attn.qkv.register_forward_hook(_tap(taps, "v", block.attn.num_heads, part=2))
+            if getattr(method, "attention_probs", False) and amounts[layer]:
+                # A method that ranks by the whole attention matrix reads the block's own softmax (timm's unfused
+                # path, the input of attn_drop) instead of computing it a second time; only where it reduces, so
+                # blocks that keep every token stay exactly the model (fused attention left alone).
+                block.attn.fused_attn = False
+                block.attn.attn_drop.register_forward_hook(lambda module, args, out, taps=taps: taps.update(attn=args[0]))
         elif type(block) is ViTLayer:
             block.__class__ = ReducingViTLayer
             attn = block.attention

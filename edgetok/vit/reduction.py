@@ -10,7 +10,7 @@ from edgetok.vit.loading import LoadedViT
 from edgetok.vit.patch import patch_blocks
 from edgetok.vit.tome import ToMe, parse_r_schedule
 
-METHODS = ("none", "tome", "evit", "ats", "dtome", "pitome", "gtp")
+METHODS = ("none", "tome", "evit", "ats", "dtome", "pitome", "gtp", "zerotprune")
 
 
 @dataclass
@@ -41,6 +41,8 @@ def make_method(
     propagate: str | int | list | None = None,
     alpha: float | None = None,
     graph: str | None = None,
+    head_variance: str | None = None,
+    similarity_share: float | None = None,
 ):
     """The method object for ``name`` (None for ``none``), from CLI/recipe parameters; ``tokens`` is the
     model's token count (ATS samples from it); ``defaults`` the model's own defaults for options not given."""
@@ -48,6 +50,8 @@ def make_method(
         raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
     if (propagate is not None or alpha is not None or graph is not None) and name != "gtp":
         raise EdgetokError("--propagate/--alpha/--graph are GTP options; they need --method gtp")
+    if (head_variance is not None or similarity_share is not None) and name != "zerotprune":
+        raise EdgetokError("--head-variance/--similarity-share are Zero-TPrune options; they need --method zerotprune")
     ats_given = ats_blocks is not None or ats_budget is not None
     if ats_given and name != "ats":
         raise EdgetokError("--ats-blocks/--ats-budget are ATS options; they need --method ats")
@@ -86,18 +90,21 @@ def make_method(
         from edgetok.vit.gtp import GTP, parse_propagate
 
         return GTP(parse_propagate(propagate, depth), 0.1 if alpha is None else alpha, graph or "spatial")
-    if name == "pitome":
+    if name in ("pitome", "zerotprune"):
         if keep_layers is not None:
-            raise EdgetokError("--keep-layers is an EViT option; --method pitome takes --r, --r-schedule or --keep-rate")
+            raise EdgetokError(f"--keep-layers is an EViT option; --method {name} takes --r, --r-schedule or --keep-rate")
         if r is not None and r_schedule is not None:
             raise EdgetokError("give --r or --r-schedule, not both")
         if r is not None and r < 0:
             raise EdgetokError(f"--r {r} must be >= 0")
         from edgetok.vit.pitome import PiToMe
+        from edgetok.vit.zerotprune import ZeroTPrune
 
         given = r if r is not None else r_schedule
         schedule, clamp = parse_r_schedule(given, depth) if given is not None else (None, False)
-        return PiToMe(schedule, keep_rate, depth, clamp)
+        if name == "pitome":
+            return PiToMe(schedule, keep_rate, depth, clamp)
+        return ZeroTPrune(schedule, keep_rate, depth, clamp, head_variance, similarity_share)
     if name == "ats":
         if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
             raise EdgetokError("--method ats takes --ats-blocks and --ats-budget (not --r/--keep-rate)")
@@ -109,7 +116,7 @@ def make_method(
                           (default_blocks(depth), "the reference's DeiT-S config scaled to depth"))
         return ATS(blocks, 1.0 if ats_budget is None else ats_budget, depth, tokens or 0, source)
     if r or r_schedule or keep_rate is not None or keep_layers is not None:
-        raise EdgetokError("--r/--r-schedule/--keep-rate need --method tome or evit")
+        raise EdgetokError("--r/--r-schedule/--keep-rate need a --method that reduces (tome, pitome, zerotprune, evit, dtome)")
     return None
 
 
