@@ -183,7 +183,33 @@ def _recipe_build(name: str, cli_values: dict, allow_plugins: bool = False) -> t
         build["targets"] = parse_targets(build["targets"] if isinstance(build["targets"], list) else [build["targets"]])
     merged = {**build, **cli_values}  # flags given on the command line win over the recipe
     _ensure_export(export_opts, onnx_path, f"recipe {name}", echo=True)
+    if "quantize" in data:  # the engine is built from the quantized model
+        onnx_path = _ensure_quantized(data, name, onnx_path, echo=True)
+        if "targets" in data["quantize"] and "targets" not in merged:
+            merged["targets"] = parse_targets(list(data["quantize"]["targets"]))
     return str(onnx_path), merged
+
+
+def _ensure_quantized(data: dict, recipe: str, source: Path, echo: bool = False) -> Path:
+    """The recipe's quantize: section applied to ``source``; reused when its sidecar says it is that."""
+    from edgetok.vit.quantize import RECIPE_KEYS, QuantizeOptions, default_output, quantize, stale_reason
+    from edgetok.vit.quantize import summary as quantize_summary
+
+    values = dict(recipes.section(data, "quantize", RECIPE_KEYS, recipe))
+    if "calibrate" not in values:
+        raise EdgetokError(f"recipe {recipe}: quantize.calibrate is missing: the image folder to calibrate on")
+    values["targets"] = list(values.get("targets") or [])
+    opts = QuantizeOptions(model=str(source), **values)
+    out = Path(opts.output) if opts.output else default_output(opts)
+    why = stale_reason(opts)
+    if why is None:
+        _say(f"reusing {out}: its sidecar matches recipe {recipe}'s quantize section")
+        return out
+    _say(f"quantizing {source} -> {out} for recipe {recipe}" + ("" if why == "missing" else f": {why}"))
+    record = quantize(opts, _say)
+    if echo:
+        click.echo(quantize_summary(record))
+    return out
 
 
 def _ensure_export(opts, out: Path, label: str, echo: bool = False) -> None:
@@ -315,10 +341,14 @@ def _with_progress(work, total_seconds: float):
 def _recipe_models(recipe: str) -> tuple[list[str], list[str], dict]:
     from edgetok.vit.export import ViTExportOptions
 
-    variants, prof = recipes.profile_plan(recipes.load(recipe, _say), recipe)
+    data = recipes.load(recipe, _say)
+    variants, prof = recipes.profile_plan(data, recipe)
     models, labels = [], []
     for label, values in variants:
         _ensure_export(ViTExportOptions(**values), Path(values["output"]), f"recipe {recipe} ({label})")
+        if "quantize" in data:  # each variant's own quantized file, beside its export
+            values = {**values, "output": str(_ensure_quantized(
+                {**data, "quantize": {**data["quantize"], "output": None}}, recipe, Path(values["output"])))}
         models.append(values["output"])
         labels.append(label)
     return models, labels, prof
@@ -381,6 +411,25 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branc
     extra = (f", acceptance {result['acceptance_rate']:.2f}, {result['mean_tokens_per_round']:.2f} tokens/round"
              if mode != "target" and result["proposed"] else ", nothing proposed" if mode != "target" else "")
     _say(f"{result['new_tokens']} tokens, {rate:.1f} tok/s ({mode}{extra})")
+
+
+@cli.command("quantize")
+@click.argument("model", type=click.Path())
+@click.option("--mode", default="int8", show_default=True,
+              help="int8 (ONNX Runtime's quantizer) or fp8 (NVIDIA Model Optimizer, SM 8.9+), Q/DQ.")
+@click.option("--target", "targets", multiple=True, help="GPUs the model is for, e.g. sm87 (Orin), sm89; fp8 refuses "
+              "those below SM 8.9.")
+@click.option("--calibrate", required=True, type=click.Path(),
+              help="ImageFolder of training-style images to calibrate on (not the evaluation set).")
+@click.option("--samples", type=int, default=256, show_default=True, help="Calibration images (spread over the folder).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: MODEL_<mode>.onnx).")
+def quantize_cmd(model, mode, calibrate, samples, output, targets) -> None:
+    """Quantize an edgetok ViT export's own layers to INT8 or FP8 Q/DQ, every reduction step left in float."""
+    from edgetok.engine.options import parse_targets
+    from edgetok.vit.quantize import QuantizeOptions, quantize, summary
+
+    click.echo(summary(quantize(QuantizeOptions(model=model, calibrate=calibrate, mode=mode, samples=samples,
+                                                output=output, targets=parse_targets(list(targets))), _say)))
 
 
 @cli.command("compare")

@@ -384,6 +384,29 @@ def _plugins_report(setup: dict, bundle: Path) -> dict:
     }
 
 
+def _check_fp8(model: onnx.ModelProto, opts: BuildOptions, backend: Backend) -> None:
+    """An FP8 model builds only for GPUs with FP8 (TensorRT-RTX "builds" one for default targets that include
+    Ampere, which cannot run it)."""
+    from edgetok.onnx.qdq import check_fp8_targets, is_fp8
+
+    if not is_fp8(model):
+        return
+    name = Path(opts.onnx).name
+    if backend.name == "tensorrt-rtx":
+        if not opts.targets:
+            raise EdgetokError(f"{name} is FP8 and TensorRT-RTX's default targets include SM 8.0 and 8.6, which have no "
+                               "FP8; give --target sm89 (and/or sm120)")
+        check_fp8_targets(opts.targets, f"{name} is FP8 (--target)")
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        check_fp8_targets([f"sm{major}{minor}"], f"{name} is FP8 and this GPU")
+
+
 def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None, reuse: bool = False) -> dict:
     """Build ``opts.onnx``; with ``reuse`` (recipes), keep an existing engine built the same way from the same ONNX."""
     backend, why = select(opts.backend)
@@ -399,6 +422,12 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     if opts.dla_core is not None and opts.precision == "fp32":
         raise EdgetokError("--dla-core needs --precision fp16 (DLA runs fp16 or int8)")
     model = _load_onnx(opts.onnx)
+    from edgetok.onnx.lint import lint
+
+    qdq = [f for f in lint(model) if f.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if qdq:  # the parser would refuse these with a less helpful message, after the worker started
+        raise EdgetokError(f"{Path(opts.onnx).name}: {len(qdq)} Q/DQ node(s) TensorRT rejects: {qdq[0]}")
+    _check_fp8(model, opts, backend)
     side = sidecar.read(opts.onnx) if sidecar.sidecar_path(opts.onnx).is_file() else None
     profiles = resolve_profiles(model, opts, side)
     out = Path(opts.output) if opts.output else default_output(opts, backend)
@@ -433,14 +462,16 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
         conversion = None
         onnx_to_parse = source
         if opts.precision != "fp32" and backend.strongly_typed(version):
-            from edgetok.onnx.fp16 import compare_precisions, convert_to_fp16
+            from edgetok.onnx.fp16 import MIN_COSINE, MIN_COSINE_QDQ, compare_precisions, convert_to_fp16
 
             say("converting the ONNX to fp16 (strongly typed network)")
             onnx_to_parse = work / f"{source.stem}.fp16.onnx"
             convert_to_fp16(source, onnx_to_parse)
             say("validating the fp16 ONNX in ONNX Runtime")
             try:
-                conversion = compare_precisions(source, onnx_to_parse, example_inputs(model, profiles))
+                qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+                conversion = compare_precisions(source, onnx_to_parse, example_inputs(model, profiles),
+                                                MIN_COSINE_QDQ if qdq else MIN_COSINE)
             except EdgetokError:
                 raise
             except Exception as exc:  # the converter wrote a graph ONNX Runtime will not load (seen on LLM decoders)
@@ -499,8 +530,8 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             "edgetok_plugins": _plugins_report(plugin_setup, bundle) if bundle else None,
             "token_count_outputs": {str(block): name for block, name in counts.items()} or None,
             "attention_kept_outputs": {str(block): name for block, name in kept.items()} or None,
-            "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing")
-                       if k in side} if side else None,
+            "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing",
+                                            "quantization") if k in side} if side else None,
         })
         sidecar.write(stage / report_path(out).name, report)
         work_files = list(work.iterdir())

@@ -49,9 +49,42 @@ def _plugin_problem(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def _qdq_problem(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
+    """TensorRT's explicit-quantization rules: zero points 0 (symmetric), no int32 DequantizeLinear (a quantized
+    bias), per-channel scales only on weights and along axis 0 or 1."""
+    from onnx import numpy_helper
+
+    if len(node.input) > 2 and node.input[2]:
+        point = constants.get(node.input[2])
+        if point is None:
+            return "its zero point is computed in the graph; TensorRT needs a constant zero point of 0"
+        if numpy_helper.to_array(point).any():
+            return "non-zero zero point (asymmetric quantization); TensorRT takes symmetric Q/DQ only: quantize " \
+                   "with symmetric activations and weights"
+    source = constants.get(node.input[0])
+    if node.op_type == "DequantizeLinear" and source is not None and source.data_type == onnx.TensorProto.INT32:
+        return "int32 DequantizeLinear (a quantized bias); TensorRT rejects it: quantize with biases left in float"
+    scale = constants.get(node.input[1])
+    if scale is not None and len(scale.dims) == 1 and scale.dims[0] > 1:
+        if source is None and node.op_type == "QuantizeLinear":
+            return "per-channel scale on an activation; TensorRT takes per-channel scales on weights only"
+        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+        if axis not in (0, 1):
+            return f"per-channel axis {axis}; TensorRT quantizes weights per channel along axis 0 or 1 only"
+    return None
+
+
 def lint(model: onnx.ModelProto) -> list[Finding]:
     findings = []
+    constants = {t.name: t for t in model.graph.initializer}
+    constants.update({n.output[0]: onnx.helper.get_attribute_value(n.attribute[0]) for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
     for node in _nodes(model.graph):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            reason = _qdq_problem(node, constants)
+            if reason:
+                findings.append(Finding(node.name, node.op_type, reason))
+            continue
         if node.domain not in ("", "ai.onnx"):
             reason = _plugin_problem(node)
             if reason:
