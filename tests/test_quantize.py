@@ -223,3 +223,14 @@ def test_every_int8_recipe_names_its_calibration():
     for name in ("digits_int8", "digits_tome_int8", "deit_small_int8", "deit_small_tome_r13_int8"):
         data = recipe.load(name)
         assert data["quantize"]["mode"] == "int8" and data["quantize"]["calibrate"]
+
+
+def test_profile_labels_the_quantized_model(quantized, capsys, tmp_path):
+    name, side, record = quantized
+    if name != "dense":
+        pytest.skip("one model is enough for the label")
+    code, _, err = run_cli(capsys, "profile", side["path"], record["path"], "--duration", "0.05", "--iterations", "2",
+                           "-o", str(tmp_path / "p"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "p" / "profile.json").read_text())["comparison"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]

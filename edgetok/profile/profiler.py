@@ -65,10 +65,15 @@ def _check(opts: ProfileOptions) -> None:
 
 
 def _precision(model: str) -> str:
+    """fp32/fp16 as built, with the quantization mode of a Q/DQ model in front (int8+fp16: int8 layers, fp16 rest)."""
     path = Path(model)
+    quantized = (_export_sidecar(model).get("quantization") or {}).get("mode")
+    built = "fp32"
     if path.suffix in ENGINE_SUFFIXES and Path(f"{model}.build.json").is_file():
-        return json.loads(Path(f"{model}.build.json").read_text())["precision"]
-    return "fp32"
+        built = json.loads(Path(f"{model}.build.json").read_text())["precision"]
+    if quantized:
+        return quantized if built == "fp32" else f"{quantized}+{built}"
+    return built
 
 
 def _export_sidecar(model: str) -> dict:
