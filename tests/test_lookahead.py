@@ -2,6 +2,7 @@
 output is the target's: greedy equals target greedy, sampling follows the target's distribution)."""
 
 import numpy as np
+from test_spec_decoding import Bigram
 
 from edgetok.llm.lookahead import Tree, TrieIndex, prompt_lookup
 from edgetok.llm.runtime import generate_draft_free
@@ -37,27 +38,16 @@ def test_prompt_lookup_is_hugging_faces():
     assert prompt_lookup([4, 4], 3, 3).tokens == [4]
 
 
-class TreeBigram:
-    """A stand-in decoder whose next-token logits depend on the token itself only, with a tree call."""
+class TreeBigram(Bigram):
+    """test_spec_decoding's bigram stand-in, with the tree call and the row gather of a tree-variant decoder."""
 
-    def __init__(self, table: np.ndarray):
-        self.table, self.tree = table, True
-        self.reset()
-
-    def reset(self):
-        self.seq, self.calls = [], 0
-
-    @property
-    def length(self):
-        return len(self.seq)
+    tree = True
 
     def feed(self, tokens):
         return self.feed_tree(tokens[0], tokens[1:], list(range(-1, len(tokens) - 2)))
 
     def feed_tree(self, root, tokens, parents):
-        self.seq += [root, *tokens]
-        self.calls += 1
-        return np.stack([self.table[t] for t in [root, *tokens]])
+        return super().feed([root, *tokens])
 
     def keep(self, rows):
         self.seq = [self.seq[i] for i in rows]

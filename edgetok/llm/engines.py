@@ -28,7 +28,6 @@ def is_pair(path: str | None) -> bool:
 def decoder_shapes(entry: dict, max_length: int, query_opt: int, batch: tuple[int, int, int],
                    tree: bool = False) -> list[str]:
     """trtexec-style ``name:MIN:OPT:MAX`` for every input of one decoder."""
-    low, opt, high = batch
     past_opt = min(OPT_PAST, max_length - query_opt)
     total = (1, past_opt + query_opt, max_length)
     query = (1, min(query_opt, max_length), max_length)
@@ -39,7 +38,7 @@ def decoder_shapes(entry: dict, max_length: int, query_opt: int, batch: tuple[in
         shapes = ["x".join(str(d[i]) if isinstance(d, tuple) else str(d) for d in dims) for i in range(3)]
         return f"{name}:{':'.join(shapes)}"
 
-    b = (low, opt, high)
+    b = batch
     shapes = [spec("input_ids", b, query), spec("position_ids", b, query),
               spec("attention_mask", b, 1, query, total) if tree else spec("attention_mask", b, total)]
     for layer in range(entry["num_hidden_layers"]):
