@@ -3,11 +3,12 @@ one graph), named as Optimum / onnxruntime-genai name them, and checked against 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 
 from edgetok import hf
 from edgetok.errors import EdgetokError
+from edgetok.llm import alibi
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,6 +31,7 @@ class CausalLM:
     model: nn.Module
     source: str  # folder, or "folder (config only: random weights)", or "layer-skip:N of ..."
     weights: str
+    _layout: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self):
@@ -40,11 +43,27 @@ class CausalLM:
 
     @property
     def kv_heads(self) -> int:
-        return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        return self.cache_layout()[0]
 
     @property
     def head_size(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        return self.cache_layout()[1]
+
+    def cache_layout(self) -> tuple[int, int]:
+        """(heads, head size) of the KV cache, read from one token through the model, not guessed from config names:
+        Falcon caches 1 head with multi_query, every attention head with new_decoder_architecture (its keys are
+        broadcast before caching), and names neither num_key_value_heads (guessing the attention heads made the
+        7B-style export fail: "Expected size 4 but got size 1")."""
+        if self._layout is None:
+            one = torch.zeros(1, 1, dtype=torch.long)
+            with torch.no_grad():
+                present = DecoderWithCache(self, reference=True)(one, torch.ones(1, 1, dtype=torch.long), one)[1:]
+            layouts = {(t.shape[1], t.shape[3]) for t in present}
+            if len(layouts) != 1:
+                raise EdgetokError(f"{self.config.model_type} caches layers of different shapes ({sorted(layouts)}); "
+                                   "one decoder graph needs one KV layout")
+            self._layout = layouts.pop()
+        return self._layout
 
     def shapes(self) -> dict:
         """genai_config-style dimensions."""
@@ -52,7 +71,15 @@ class CausalLM:
         return {"num_hidden_layers": self.layers, "num_attention_heads": c.num_attention_heads,
                 "num_key_value_heads": self.kv_heads, "head_size": self.head_size, "hidden_size": c.hidden_size,
                 "vocab_size": c.vocab_size, "model_type": c.model_type,
-                "max_position_embeddings": getattr(c, "max_position_embeddings", None)}
+                # MPT names it max_seq_len: its ALiBi table has that many columns, so no longer sequence runs
+                "max_position_embeddings": getattr(c, "max_position_embeddings", None) or getattr(c, "max_seq_len", None)}
+
+
+def attention(config) -> str:
+    """The transformers attention we export: eager (plain ops), except for Falcon with alibi=True, whose eager path
+    in transformers 5.x adds the ALiBi bias twice (in the attention and again merged into the mask); its SDPA
+    path adds it once, as the authors' Falcon-RW code does (softmax((QK^T + alibi)/sqrt(d) + mask))."""
+    return "sdpa" if config.model_type == "falcon" and getattr(config, "alibi", False) else "eager"
 
 
 def load_causal_lm(folder: str) -> CausalLM:
@@ -74,10 +101,10 @@ def load_causal_lm(folder: str) -> CausalLM:
     try:
         if has_weights:
             model = AutoModelForCausalLM.from_pretrained(path, **hf.LOCAL, dtype=torch.float32,
-                                                         attn_implementation="eager")
+                                                         attn_implementation=attention(config))
         else:
             torch.manual_seed(0)
-            config._attn_implementation = "eager"
+            config._attn_implementation = attention(config)
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except ValueError as exc:
         raise hf.load_error(folder, "a causal LM transformers can load", exc) from None
@@ -90,7 +117,7 @@ def layer_skip(target: CausalLM, n: int) -> CausalLM:
         raise EdgetokError(f"--draft layer-skip:{n} needs 1 <= N < {target.layers} (the target's layers)")
     model = copy.deepcopy(target.model)
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = body.layers if hasattr(body, "layers") else body.h
+    layers = next(getattr(body, name) for name in ("layers", "h", "blocks") if hasattr(body, name))  # MPT: blocks
     del layers[n:]
     model.config.num_hidden_layers = n
     if hasattr(model.config, "layer_types") and model.config.layer_types:
@@ -100,25 +127,40 @@ def layer_skip(target: CausalLM, n: int) -> CausalLM:
 
 class DecoderWithCache(nn.Module):
     """Flat tensors in and out, so one ONNX graph serves every phase: (ids, mask, positions, *past)
-    -> (logits, *present). Past length 0 is prefill; sequence 1 is decode; k+1 is verify."""
+    -> (logits, *present). Past length 0 is prefill; sequence 1 is decode; k+1 is verify.
 
-    def __init__(self, lm: CausalLM):
+    ALiBi families (BLOOM, MPT, Falcon with alibi=True) take their biases from the keys' positions (alibi.py), so
+    position_ids place the new tokens for them as for every other family. ``reference``: the model exactly as
+    transformers runs it (ALiBi from the mask), what the exports are checked against."""
+
+    def __init__(self, lm: CausalLM, reference: bool = False):
         super().__init__()
         self.model = lm.model
         self.layers = lm.layers
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.alibi = lm.config.model_type if alibi.uses_alibi(lm.config) and not reference else None
         # In eval mode from the start: torch.onnx.export puts a module back in the mode it found it in, and a new
         # nn.Module is in training mode, which would switch the model's dropout on after the first export (GPT-2
         # and OPT have 0.1 dropouts: the checks then compared ONNX Runtime with a model dropping activations).
         self.eval()
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
+        return self._decode(input_ids, attention_mask, attention_mask, position_ids, past)
+
+    def _decode(self, input_ids, attention_mask, visible, position_ids, past):
+        """``attention_mask`` as the model takes it; ``visible`` as the caller gave it (where ALiBi finds the
+        cache's positions)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_kw: cache})
+        positions = contextlib.nullcontext()
+        if self.alibi:
+            keys = alibi.key_positions(self.alibi, visible, position_ids, past[0].shape[2] if past else 0)
+            positions = alibi.positions_from(self.model, keys)
+        with positions:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{self.cache_kw: cache})
         present = out.get("cache") or out.get("past_key_values")
         flat = []
         for layer in present.layers:
@@ -133,7 +175,7 @@ class DecoderWithTree(DecoderWithCache):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         additive = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill(
             attention_mask.logical_not(), torch.finfo(torch.float32).min)
-        return super().forward(input_ids, additive, position_ids, *past)
+        return self._decode(input_ids, additive, attention_mask, position_ids, past)
 
 
 def causal_mask(batch: int, past: int, seq: int) -> torch.Tensor:
@@ -164,10 +206,13 @@ def check_exportable(lm: CausalLM) -> None:
     """Refuse, in one line naming the model type and why, the families one graph with explicit positions cannot
     serve (checked before anything is traced)."""
     kind = lm.config.model_type
+    if alibi.uses_alibi(lm.config):  # positions set through alibi.py
+        return
     params = inspect.signature(lm.model.forward).parameters
     if "position_ids" not in params:
-        raise EdgetokError(f"{kind} cannot be exported as a KV-cache decoder: its forward takes no position_ids (its "
-                           "positions come from the mask, e.g. ALiBi), and verifying k tokens or a tree needs them")
+        raise EdgetokError(f"{kind} cannot be exported as a KV-cache decoder: its forward takes no position_ids and "
+                           f"it is none of the ALiBi families whose positions edgetok sets ({', '.join(alibi.FAMILIES)}); "
+                           "verifying k tokens or a tree needs them")
     if getattr(lm.config, "alibi", False):
         raise EdgetokError(f"{kind} with alibi=True cannot be exported as a KV-cache decoder: ALiBi biases come from the "
                            "mask, not position_ids, so a tree's branches would see the wrong distances")
@@ -185,10 +230,10 @@ def export_decoder(lm: CausalLM, path: Path, opset: int = 17, tree: bool = False
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total_sequence"}
+    check_exportable(lm)
     ids, mask, pos, past = _example(lm, batch=2, seq=3, past_len=4)
     if tree:
         mask = causal_mask(2, 4, 3)
-    check_exportable(lm)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -213,7 +258,7 @@ def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4, tree: bool 
     from edgetok.onnx.validate import ort_session
 
     session = ort_session(str(path))
-    wrapper = DecoderWithCache(lm)
+    wrapper = DecoderWithCache(lm, reference=True)
     inputs, _ = io_names(lm.layers)
     results = {}
 
