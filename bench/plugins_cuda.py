@@ -3,7 +3,9 @@
 1. One DeiT-S merge step (N=197, C=384, D=64, r=13), fp32, batch 1/8/64: the fused Triton kernels vs the
    standard-op step (bipartite_transform + apply_transform), each captured once as a CUDA graph so that the
    time is the GPU's, not Python's launch overhead — CUDA-event time per replay, the kernels' bytes moved per
-   second, and that as a fraction of this GPU's measured copy bandwidth (target >= 50 % at 64).
+   second, and that as a fraction of this GPU's measured copy bandwidth (target >= 50 % at 64). The two
+   agree (edgetok.plugins.agreement) on every sample whose merge the reference decides by more than float32
+   noise; a sample resting on a near tie may merge another pair on either side, both right.
 2. The same kernels launched from their AOT cubins through cuda-python (the TensorRT plugins' path),
    checked equal to the JIT launch.
 3. DeiT-S ToMe r=13 end to end in PyTorch (fp32): the patched model with the kernels vs without, and dense.
@@ -18,7 +20,7 @@ import statistics
 
 import torch
 
-from edgetok.plugins import kernels
+from edgetok.plugins import agreement, kernels
 from edgetok.plugins.spec import get
 from edgetok.vit.token_transform import apply_transform
 from edgetok.vit.tome import bipartite_transform
@@ -59,7 +61,7 @@ FAILED: list[str] = []  # checks past their tolerance: the script exits 1
 
 def check(what: str, diff: float, tolerance: float = 1e-4) -> None:
     if not diff <= tolerance:
-        FAILED.append(f"{what}: max |diff| {diff:.2e} > {tolerance:g}")
+        FAILED.append(f"{what}: error {diff:.2e} > {tolerance:g}")
 
 
 def copy_bandwidth() -> float:
@@ -75,7 +77,7 @@ def step_table(batches, rounds) -> None:
     fields = {"r": r, "prefix": 1, "class_token": 1}
     peak = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {peak / 1e9:.0f} GB/s")
-    print("| batch | standard ops ms | fused kernels ms | speedup | kernels GB/s | of copy bandwidth | max |diff| |")
+    print("| batch | standard ops ms | fused kernels ms | speedup | kernels GB/s | of copy bandwidth | error |")
     print("|---|---|---|---|---|---|---|")
     for batch in batches:
         gen = torch.Generator(device="cuda").manual_seed(batch)
@@ -89,8 +91,14 @@ def step_table(batches, rounds) -> None:
         def fused():
             return kernels.run_torch(spec, [x, metric, size], fields)
 
-        diff = max(float((a - b).abs().max()) for a, b in zip(standard(), fused()))
-        check(f"fused vs standard step at batch {batch}", diff)
+        # both sides on this GPU, in different orders: samples whose merge rests on a near tie (a reference
+        # margin within float32 noise) may merge other pairs with both right; the others must agree
+        clear = torch.from_numpy(agreement.token_merge_margin(metric.cpu().numpy(), r, 1, 1) > agreement.noise(1.0))
+        clear = clear.to("cuda")
+        diff = max(agreement.value_error(a[clear].cpu().numpy(), b[clear].cpu().numpy())
+                   for a, b in zip(standard(), fused()))
+        check(f"fused vs standard step at batch {batch} ({int((~clear).sum())} near-tie samples left out)", diff,
+              agreement.value_tolerance())
         t_std, t_fused = cuda_ms(as_graph(standard), rounds=rounds), cuda_ms(as_graph(fused), rounds=rounds)
         moved = 4 * batch * (tokens * (channels + dim + 1) + (tokens - r) * (channels + 1))
         rate = moved / (t_fused / 1e3)

@@ -55,6 +55,45 @@ def test_kernels_equal_the_reference(label):
     assert np.abs(regions["lse"].numpy()[:lse.size] - lse).max() <= 1e-5
 
 
+def _huge(rng, batch, heads, tokens, dim, magnitude=1e17):
+    """Logits near 1e35 (float32 holds them; a running max started at -1e30 made every output NaN): equal
+    ones (q = 1e17, k = -1e17: uniform weights) in image 0, random ones (one key per row wins) in the others."""
+    q, k = (rng.standard_normal((batch, heads, tokens, dim)) * magnitude for _ in range(2))
+    q[0], k[0] = magnitude, -magnitude
+    v = rng.standard_normal((batch, heads, tokens, dim))
+    size = rng.integers(1, 5, (batch, tokens, 1)).astype(np.float64)
+    return [x.astype(np.float32) for x in (q, k, v, size)]
+
+
+@pytest.mark.parametrize("dim", [32, 80], ids=["d64_kernel", "d128_kernel"])
+def test_kernels_are_finite_and_right_at_huge_logits(dim):
+    """The −inf-safe online softmax: finite and equal to the reference where logits are ~1e35, also when a
+    whole leading key tile is padding (the running max stays −inf through it)."""
+    inputs = _huge(np.random.default_rng(dim), 3, 2, 70, dim)
+    inputs[3][1, :40] = 0.0  # image 1: its first key tiles are all padding
+    fields = {"scale": 0.0}
+    want = plugin_spec.run_reference("SizeBiasedAttention", [x.astype(np.float64) for x in inputs], fields,
+                                     any_float=True)
+    got, regions = kernels.run_torch(SPEC, [torch.from_numpy(x) for x in inputs], fields, scratch_regions=True)
+    assert all(np.isfinite(w).all() for w in want)
+    for g, w in zip(got, want):
+        assert np.isfinite(g.numpy()).all() and np.abs(g.numpy() - w).max() / max(np.abs(w).max(), 1.0) <= 1e-5
+    lse = np.concatenate(SPEC.intermediates(inputs, fields)["lse"])
+    assert np.isfinite(lse).all() and (np.abs(regions["lse"].numpy()[:lse.size] - lse) <= 1e-6 * np.abs(lse)).all()
+    assert np.abs(got[1].numpy()[0] - 1 / 70).max() <= 1e-8  # equal logits (log size is below their rounding)
+
+
+def test_kernels_give_zeros_for_a_row_with_no_key():
+    """An image of padding only (every size 0; a class token rules it out in a model): its rows and class row
+    come out 0, where the reference's softmax divides 0 by 0; the other images are unaffected."""
+    inputs = [x.copy() for x in CASES["N=70 D=32 B=2 (N not a tile multiple)"][0]]
+    inputs[3][1] = 0.0
+    out, row = kernels.run_torch(SPEC, [torch.from_numpy(x) for x in inputs], {"scale": 0.0})
+    assert (out[1] == 0).all() and (row[1] == 0).all()
+    want_out, want_row = plugin_spec.run_reference("SizeBiasedAttention", [x[:1] for x in inputs], {"scale": 0.0})
+    assert np.abs(out[:1].numpy() - want_out).max() <= 1e-5 and np.abs(row[:1].numpy() - want_row).max() <= 1e-6
+
+
 def test_torch_op_is_the_reference():
     from edgetok.vit.attention import size_biased_attention
 

@@ -62,6 +62,26 @@ def test_kernels_equal_the_reference(label):
     assert (regions["selected"].numpy()[:selected.size] == selected).all()
 
 
+@pytest.mark.parametrize("dim,block", [(32, 16), (80, 32)], ids=["d64_kernel", "d128_kernel"])
+def test_kernels_are_finite_and_right_at_huge_logits(dim, block):
+    """Logits near 1e35, which a running max started at -1e30 turned into NaN: equal ones (q = 1e17,
+    k = -1e17) in image 0, random ones in image 1 (its first blocks padding), and an image of padding only
+    (no key to attend: its rows and its kept fraction come out 0, where the reference divides 0 by 0)."""
+    rng = np.random.default_rng(dim)
+    q, k = (rng.standard_normal((3, 2, 96, dim)) * 1e17 for _ in range(2))
+    q[0], k[0] = 1e17, -1e17  # whole blocks only: their means are exact, so the block scores are exactly equal
+    size = rng.integers(1, 4, (3, 96, 1)).astype(np.float64)
+    size[1, :40], size[2] = 0.0, 0.0
+    inputs = [x.astype(np.float32) for x in (q, k, rng.standard_normal(q.shape), size)]
+    fields = {**FIELDS, "block": block, "mass": 0.6}  # not 0.5: equal scores would put a block on the boundary
+    want = _run([x[:2].astype(np.float64) for x in inputs], fields)
+    got = [g.numpy() for g in kernels.run_torch(SPEC, [torch.from_numpy(x) for x in inputs], fields)]
+    assert all(np.isfinite(w).all() for w in want) and all(np.isfinite(g).all() for g in got)
+    for g, w in zip(got, want):
+        assert np.abs(g[:2] - w).max() / max(np.abs(w).max(), 1.0) <= 1e-5
+    assert (got[0][2] == 0).all() and got[1][2] == 0
+
+
 def test_a_padded_batch_equals_its_images_alone():
     rng = np.random.default_rng(3)
     lengths = [70, 41, 18]
@@ -161,6 +181,11 @@ def test_digits_recipe_keeps_accuracy_with_fewer_block_pairs(capsys, tmp_path, h
     kept = [t["mean"] for t in result["attention_kept"].values()]
     assert len(kept) == 6 and max(kept) < 1 and all(t["min"] < t["max"] for t in result["attention_kept"].values())
     assert result["gmacs"]["mean"] < 0.0483  # dense: 0.0483
+    code, out, err = run_cli(capsys, "eval", "edgetok-out/digits_vit_sparse_attention.onnx", "--data", heldout,
+                             "--no-sidecar")
+    assert code == 0, err  # the printed line gives each block's mean and range, as the README says
+    for block, t in result["attention_kept"].items():
+        assert f"{block}: {t['mean']:.1%} [{t['min']:.1%}-{t['max']:.1%}]" in out
 
 
 def test_sparse_export_builds_with_tensorrt_rtx(capsys, tmp_path):

@@ -14,14 +14,7 @@ import numpy as np
 
 from edgetok.errors import EdgetokError
 from edgetok.llm.runtime import Decoder
-
-
-def _torch_dtype(trt, torch, dtype):
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
-             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    return table[dtype]
+from edgetok.runtime.runners import EngineIO, torch_dtype
 
 
 class TrtDecoder(Decoder):
@@ -46,8 +39,10 @@ class TrtDecoder(Decoder):
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
+        self.dtypes = {n: torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
+        self.io = EngineIO(trt, torch, self.engine, self.context, path.name,
+                           "the pair's engines cover prompt + generated tokens up to the max length they were built "
+                           "for: shorten the prompt or generate fewer tokens")
         self.tree = len(self.engine.get_tensor_shape("attention_mask")) == 4
         self.layers, self.kv_heads, self.head = entry["num_hidden_layers"], entry["num_key_value_heads"], entry["head_size"]
         self.dummy = torch.zeros(16, dtype=torch.uint8, device="cuda")  # an address for empty tensors
@@ -67,18 +62,16 @@ class TrtDecoder(Decoder):
             tensors[f"past_key_values.{i}.key"] = self.cache[2 * i]
             tensors[f"past_key_values.{i}.value"] = self.cache[2 * i + 1]
         for name, t in tensors.items():
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self.dummy.data_ptr())
-        results = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            results[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, results[name].data_ptr())
+            self.io.set_input(name, t, None if t.numel() else self.dummy.data_ptr())
+        self.io.bind_outputs()
         start = time.perf_counter()
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise EdgetokError("the engine failed to run (execute_async_v3 returned False)")
         self.stream.synchronize()
         self._record(len(tokens), time.perf_counter() - start)
+        # the cache outlives this step's outputs: a data-dependent one's buffer is reused by the next run
+        results = {name: self.io.output(name) if name in self.io.tensors else self.io.output(name).clone()
+                   for name in self.io.outputs}
         self.cache = [results[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
         return results["logits"][0].float().cpu().numpy()
 

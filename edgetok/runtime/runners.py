@@ -133,6 +133,108 @@ def _torch_cuda():
     return torch
 
 
+def torch_dtype(trt, torch, dtype):
+    """The torch dtype of a TensorRT DataType (bfloat16 included, which numpy, and so trt.nptype, lacks)."""
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    return table[dtype]
+
+
+class EngineIO:
+    """One execution context's tensors bound, each binding checked: TensorRT answers a shape outside the
+    engine's profile, or an address it cannot use, with False (and a log line nobody sees) and then runs on
+    whatever was bound before. Outputs whose shape get_tensor_shape cannot know before the run (-1: a
+    data-dependent output) get TensorRT's output allocator, which is asked for the bytes during the run and
+    told the shape after; the others are allocated here. ``label`` names the engine and ``fix`` the remedy
+    in the one-line refusals."""
+
+    def __init__(self, trt, torch, engine, context, label: str, fix: str, device: str = "cuda"):
+        self.trt, self.torch, self.engine, self.context = trt, torch, engine, context
+        self.label, self.fix, self.device = label, fix, device
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.allocators: dict[str, object] = {}
+        self.tensors: dict = {}
+
+    def dtype(self, name: str):
+        return torch_dtype(self.trt, self.torch, self.engine.get_tensor_dtype(name))
+
+    def set_input(self, name: str, tensor, address: int | None = None) -> None:
+        """Bind an input: its shape (refused in one line outside the profile's range) and its address."""
+        shape = tuple(int(d) for d in tensor.shape)
+        if not self.context.set_input_shape(name, shape):
+            low, _, high = (list(d) for d in self.engine.get_tensor_profile_shape(name, 0))
+            raise EdgetokError(f"{self.label}: input {name} of shape {list(shape)} is outside the engine's profile "
+                               f"(from {low} to {high}); {self.fix}")
+        self.address(name, tensor.data_ptr() if address is None else address)
+
+    def address(self, name: str, pointer: int) -> None:
+        if not self.context.set_tensor_address(name, pointer):
+            raise EdgetokError(f"{self.label}: {self.trt.__name__} refused address {pointer:#x} for tensor {name} "
+                               "(set_tensor_address returned False: not an I/O tensor of this engine, or misaligned)")
+
+    def bind_outputs(self) -> None:
+        """After every input is set: a tensor for each output of known shape, an allocator for the others."""
+        self.tensors = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if min(shape, default=0) >= 0:
+                self.tensors[name] = self.torch.empty(shape, dtype=self.dtype(name), device=self.device)
+                self.address(name, self.tensors[name].data_ptr())
+                continue
+            if name not in self.allocators:
+                self.allocators[name] = output_allocator(self.trt)(self.torch, self.device)
+                if not self.context.set_output_allocator(name, self.allocators[name]):
+                    raise EdgetokError(f"{self.label}: {self.trt.__name__} refused an output allocator for {name}, "
+                                       f"whose shape {list(shape)} only the run knows")
+
+    def output(self, name: str):
+        """An output after the run (of a data-dependent one: the shape TensorRT reported)."""
+        if name in self.tensors:
+            return self.tensors[name]
+        return self.allocators[name].tensor(self.dtype(name))
+
+
+def output_allocator(trt):
+    """TensorRT's IOutputAllocator (of ``trt``, tensorrt or tensorrt_rtx) over torch device memory, for one
+    output: a buffer grown to what the run asks for (never shrunk, so a timing loop allocates once) and the
+    shape the run reports."""
+    if trt in _ALLOCATORS:
+        return _ALLOCATORS[trt]
+
+    class OutputAllocator(trt.IOutputAllocator):
+        def __init__(self, torch, device: str = "cuda"):
+            trt.IOutputAllocator.__init__(self)
+            self.torch, self.device = torch, device
+            self.buffer = torch.empty(0, dtype=torch.uint8, device=device)
+            self.shape: tuple[int, ...] | None = None
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            if size > self.buffer.numel():  # torch's device allocations are 512-byte aligned
+                self.buffer = self.torch.empty(size, dtype=self.torch.uint8, device=self.device)
+            return self.buffer.data_ptr()
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shape = tuple(shape)
+
+        def tensor(self, dtype):
+            if self.shape is None:
+                raise EdgetokError("an engine output with a data-dependent shape was read before the engine ran")
+            count = int(np.prod(self.shape))
+            return self.buffer.view(dtype)[:count].view(self.shape)
+
+    _ALLOCATORS[trt] = OutputAllocator
+    return OutputAllocator
+
+
+_ALLOCATORS: dict = {}
+
+
 class TensorRTEngineRunner(Runner):
     """A serialized TensorRT or TensorRT-RTX engine; buffers and events come from PyTorch's CUDA."""
 
@@ -156,6 +258,7 @@ class TensorRTEngineRunner(Runner):
         self.defaults = "trtexec 11.x" if module == "tensorrt" and major >= 11 else f"trtexec {major}.x"
         new_defaults = module == "tensorrt" and major >= 11
         self.cuda_graphs = (new_defaults and not self.data_dependent) if cuda_graphs is None else cuda_graphs
+        self.graphs_asked = bool(cuda_graphs)
         self.data_transfers = (not new_defaults) if data_transfers is None else data_transfers
         self.logger = trt.Logger(trt.Logger.ERROR)
         from edgetok.runtime.plugins import prepare_engine
@@ -169,6 +272,9 @@ class TensorRTEngineRunner(Runner):
         self.batch = batch
         self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.io = EngineIO(trt, self.torch, engine, self.context, Path(path).name,
+                           "give a --batch (or --inputs) within it, or rebuild the engine with build-engine --batch "
+                           "MIN:OPT:MAX covering it")
         self.timer = CudaTimedStep(self.torch)
         self.graph = None
 
@@ -184,19 +290,23 @@ class TensorRTEngineRunner(Runner):
         torch = self.torch
         self.host_in, self.dev = {}, {}
         for name in self.inputs:
-            self.context.set_input_shape(name, feed[name].shape)
             self.host_in[name] = torch.from_numpy(np.ascontiguousarray(feed[name])).pin_memory()
             self.dev[name] = self.host_in[name].cuda()
+            self.io.set_input(name, self.dev[name])
+        self.io.bind_outputs()
+        if self.io.allocators and self.cuda_graphs:
+            if self.graphs_asked:
+                raise EdgetokError(f"{self.io.label} has outputs whose shape only the run knows "
+                                   f"({', '.join(self.io.allocators)}), which a CUDA graph cannot capture; use "
+                                   "--no-cuda-graphs")
+            self.cuda_graphs = False  # trtexec 11's default, not asked for
+        if self.io.allocators:  # data-dependent outputs: one run tells their shapes, for the host copies
+            self._enqueue()
+            self.timer.stream.synchronize()
         self.host_out = {}
-        for name in self.names:
-            if name in self.inputs:
-                continue
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = getattr(torch, np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).name)
-            self.dev[name] = torch.empty(shape, dtype=dtype, device="cuda")
-            self.host_out[name] = torch.empty(shape, dtype=dtype).pin_memory()
-        for name, tensor in self.dev.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
+        for name in self.io.outputs:
+            self.dev[name] = self.io.output(name)
+            self.host_out[name] = torch.empty(self.dev[name].shape, dtype=self.dev[name].dtype).pin_memory()
         if self.cuda_graphs:
             self._enqueue()  # TensorRT must run once before capture
             self.timer.stream.synchronize()
@@ -227,9 +337,10 @@ class TensorRTEngineRunner(Runner):
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One inference on new inputs, outputs copied back (for accuracy evaluation, not timing)."""
         self.set_inputs(feed)
-        self._enqueue()
-        self.timer.stream.synchronize()
-        return {name: self.dev[name].cpu().numpy() for name in self.host_out}
+        if not self.io.allocators:  # else set_inputs ran it already, to learn the output shapes
+            self._enqueue()
+            self.timer.stream.synchronize()
+        return {name: self.io.output(name).cpu().numpy() for name in self.io.outputs}
 
     def info(self):
         return {"backend": self.name, "version": self.trt.__version__, "defaults": self.defaults,
@@ -257,11 +368,12 @@ class TorchRunner(Runner):
             name, checkpoint, img_size = side["model"]["name"], side["model"].get("checkpoint"), side["model"]["img_size"]
             method = red.pop("method")
             kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
-                      "pitome": {"r_schedule": red.get("r_per_layer")},
+                      "pitome": {"r_schedule": red.get("r_per_layer"),  # no variant recorded: the first, protected
+                                 "pitome_variant": red.get("variant", "protected")},
                       "zerotprune": {"r_schedule": red.get("r_per_layer"), "head_variance": red.get("head_variance"),
                                      "similarity_share": red.get("similarity_share")},
                       "gtp": {"propagate": red.get("propagate_per_layer"), "alpha": red.get("alpha"),
-                              "graph": red.get("graph")},
+                              "graph": red.get("graph"), "sparsity": red.get("sparsity")},
                       "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")},
                       "ats": {"ats_blocks": red.get("ats_blocks"), "ats_budget": red.get("ats_budget")},
                       "dtome": {"r_schedule": red.get("target_r_per_layer"), "thresholds": red.get("thresholds"),

@@ -8,9 +8,11 @@ Run in this order (``block_sparse_attention_plan.plan``):
    softmax, and for each key block the mass and the number of blocks ranked before it (a comparison matrix over
    the key blocks, no sort); writes which key blocks the query block attends (``selected``) and how many of the
    real ones (``row_kept``);
-3. ``bsa_kept``    one program per image: the fraction of real block pairs attended, mean over heads;
+3. ``bsa_kept``    one program per image: the fraction of real block pairs attended, mean over heads (0 for
+   an image of padding only, where the reference divides 0 by 0);
 4. ``bsa_sparse_d64`` / ``bsa_sparse_d128`` (by head dim) one program per (query tile, image × head): flash
-   attention over the tiles of the selected key blocks only; the others are never loaded.
+   attention over the tiles of the selected key blocks only; the others are never loaded. Its online softmax
+   is SizeBiasedAttention's (``flash_tile``): −inf safe, a row with no key to attend comes out 0.
 
 Tiles are 16 tokens (a block is a whole number of tiles, so a tile never straddles two blocks); the selection
 scores up to 128 key blocks at once; dots are IEEE float32. Every shape and field is a runtime scalar, so one
@@ -22,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from edgetok.plugins.kernels.size_biased_attention import flash_tile
+from edgetok.plugins.kernels.size_biased_attention import flash_tile, normalised
 
 # Block sizes, grids and the launch order: block_sparse_attention_plan.py (no Triton there).
 
@@ -100,6 +102,7 @@ def bsa_kept(weight_ptr, row_kept_ptr, kept_ptr, H, N, block, BLOCK_J: tl.conste
     total = tl.zeros([BLOCK_J], tl.float32)
     for h in range(0, H):
         total += tl.load(row_kept_ptr + (b * H + h) * nb + js, mask=j_ok, other=0).to(tl.float32)
+    n_real = tl.maximum(n_real, 1.0)  # an image of padding only attended nothing: 0, not 0/0
     tl.store(kept_ptr + b, tl.sum(total, axis=0) / (n_real * n_real) / H)
 
 
@@ -116,7 +119,7 @@ def _sparse(q_ptr, k_ptr, v_ptr, size_ptr, selected_ptr, out_ptr, H, N, D, block
     row_ok = rows < N
     d_ok = dims < D
     q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    top = tl.full([TILE], -1.0e30, tl.float32)
+    top = tl.full([TILE], float("-inf"), tl.float32)  # −inf safe: see size_biased_attention.py
     total = tl.zeros([TILE], tl.float32)
     acc = tl.zeros([TILE, BLOCK_D], tl.float32)
     for j in range(0, nb):
@@ -124,7 +127,7 @@ def _sparse(q_ptr, k_ptr, v_ptr, size_ptr, selected_ptr, out_ptr, H, N, D, block
             for n0 in range(j * block, tl.minimum(j * block + block, N), TILE):
                 top, total, acc = flash_tile(q, k_ptr, v_ptr, size_ptr, base, (bh // H) * N, n0 + tl.arange(0, TILE),
                                              N, D, dims, d_ok, scale, top, total, acc)
-    tl.store(out_ptr + base + rows[:, None] * D + dims[None, :], acc / total[:, None],
+    tl.store(out_ptr + base + rows[:, None] * D + dims[None, :], normalised(acc, total),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
