@@ -4,6 +4,7 @@ as one line, and the cubin launcher's argument packing against a real AOT manife
 (enqueue) needs a GPU and is not tested here."""
 
 import ctypes
+import enum
 import json
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def _token_merge_graph(path: Path, r=4, version="1", x_type=TensorProto.FLOAT) -
     size = helper.make_tensor_value_info("size", TensorProto.FLOAT, ["batch", TOKENS, 1])
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("merged", "merged_size")]
     node = helper.make_node("TokenMerge", ["x", "metric", "size"], ["merged", "merged_size"], name="merge0",
-                            domain="edgetok", r=r, prefix=1, class_token=1, plugin_version=version)
+                            domain="edgetok", r=r, prefix=1, class_token=1, plugin_version=version,
+                            plugin_namespace="edgetok")  # what exports write: TensorRT <= 10.9 reads only this
     graph = helper.make_graph([node], "g", [x, metric, size], outs)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetok", 1)]),
               str(path))
@@ -57,6 +59,14 @@ def sm86_bundle(tmp_path_factory):
     """A real AOT compile (cached per Triton version and kernel source) of every kernel for sm86."""
     path = tmp_path_factory.mktemp("cubins") / "sm86.cubins.zip"
     cubins.write_bundle(path, ["sm86"], say=lambda s: None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sm120_bundle(tmp_path_factory):
+    """sm120: assembled by Triton's CUDA 13 ptxas, so its cubins need a newer driver than its PTX."""
+    path = tmp_path_factory.mktemp("cubins") / "sm120.cubins.zip"
+    cubins.write_bundle(path, ["sm120"], say=lambda s: None)
     return path
 
 
@@ -131,7 +141,8 @@ def test_small_graph_computed_shapes_and_compiled_bundle(capsys, tmp_path):
     code, out, err = run_cli(capsys, "build-engine", str(model), "--backend", "tensorrt-rtx", "--batch", "1:4:8",
                              "--target", "sm86,sm120", "-o", str(engine))
     assert code == 0, err
-    assert "compiling the plugin kernels for sm86, sm120" in err  # no bundle beside the ONNX: only the targets
+    # no bundle beside the ONNX: only the targets (compiled, or from the module's cache when an earlier test built them)
+    assert "compiling the plugin kernels for sm86, sm120" in err or "plugin cubins for sm86, sm120 from the cache" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.build.json", "m.engine.cubins.zip",
                                                           "m.onnx"]
     report = json.loads(Path(f"{engine}.build.json").read_text())
@@ -274,12 +285,51 @@ def test_scalars_hidden_scratch_and_arch_choice():
                                   {"global_scratch_size": 100, "profile_scratch_size": 0})
     assert values == [0x7000, 0x100000 + 1024, None]
 
-    assert launch.select_arch(86, ["sm86", "sm87"]) == "sm86"
-    assert launch.select_arch(89, ["sm86", "sm87"]) == "sm87"  # same major, not newer
-    assert launch.select_arch(90, ["sm90"]) == "sm90"
-    for capability, available in ((80, ["sm86"]), (90, ["sm86", "sm89"]), (121, ["sm120"])):
-        with pytest.raises(PluginError, match=f"sm{capability}"):
-            launch.select_arch(capability, available)
+
+
+# GPU (compute capability) -> the build of a bundle holding all of edgetok's, or of one holding only `some`,
+# that CUDA's binary compatibility rules let run on it: the same major version and a lower-or-equal minor,
+# never across Tegra (sm87 Orin, sm110 Thor, sm72 Xavier, sm53 Nano) and desktop GPUs, and the
+# architecture-specific sm_90a/sm_110a/sm_120a that Triton writes from sm90 on only on exactly their GPU.
+SELECTION = [  # (capability, chosen from all six builds, from sm86+sm90, from sm87+sm110); None: refused
+    (86, "sm86", "sm86", None),   # RTX 30, A10
+    (87, "sm87", None, "sm87"),   # Orin: its own build only, never sm86
+    (89, "sm89", "sm86", None),   # RTX 40, L4: sm89, else sm86 — never Orin's sm87
+    (90, "sm90", "sm90", None),   # H100/H200: sm_90a, exactly
+    (80, None, None, None),       # A100: no edgetok build is older than sm86
+    (72, None, None, None),       # Xavier (Tegra)
+    (53, None, None, None),       # Nano (Tegra)
+    (75, None, None, None),       # Turing
+    (100, None, None, None),      # B200: sm_100, none built
+    (101, None, None, None),      # Thor under a CUDA 12 driver (renamed sm_110 in CUDA 13)
+    (110, "sm110", None, "sm110"),  # Thor
+    (120, "sm120", None, None),   # RTX 50
+    (121, None, None, None),      # DGX Spark: sm_120a cubins run on sm120 only
+]
+
+
+@pytest.mark.parametrize("capability,every,some,tegra", SELECTION)
+def test_arch_selection_follows_cuda_binary_compatibility(capability, every, some, tegra):
+    for available, want in ((list(cubins.ARCHS), every), (["sm86", "sm90"], some), (["sm87", "sm110"], tegra)):
+        if want:
+            assert launch.select_arch(capability, available) == want, available
+            continue
+        with pytest.raises(PluginError) as refused:
+            launch.select_arch(capability, available, "m.cubins.zip")
+        message = str(refused.value)
+        assert "\n" not in message and f"sm{capability}" in message, message
+        if capability in (87, 89, 110, 120, 86, 90):  # edgetok builds for it: the command that makes one
+            assert f"`edgetok plugins build --arch sm{capability} -o m.cubins.zip`" in message, message
+        elif capability == 101:
+            assert "JetPack 7" in message
+        else:
+            assert "export without --plugins" in message, message
+    assert launch.select_arch(89, ["sm86", "sm87"]) == "sm86"  # an Ada GPU never takes Orin's cubins
+    with pytest.raises(PluginError, match="Tegra and desktop GPUs do not run each other's cubins"):
+        launch.select_arch(87, ["sm86"])  # nor an Orin the desktop ones
+    with pytest.raises(PluginError, match=r"sm90 cubins \(sm_90a\) run only on sm90"):  # a 9.x after Hopper
+        launch.select_arch(91, ["sm90"])
+    assert launch.select_arch(91, ["sm90"], targets={"sm90": "sm_90"}) == "sm90"  # a plain sm_90 build would run
 
 
 def test_launch_without_a_gpu_is_one_line(sm86_bundle):
@@ -292,12 +342,15 @@ def test_launch_without_a_gpu_is_one_line(sm86_bundle):
 def test_preflight_names_the_fix_before_an_engine_is_deserialized(sm86_bundle, tmp_path):
     """What enqueue would fail on inside TensorRT (which only logs it) is checked, in one line, up front."""
     bundle = cubins.Bundle.open(sm86_bundle)
-    assert launch.preflight(bundle, 86) == "sm86" and launch.preflight(bundle, 87) == "sm86"  # same major
-    with pytest.raises(PluginError, match=r"no kernels for this GPU \(sm110; it has sm86\): run `edgetok plugins "
-                                          r"build --arch sm110 -o .*sm86.cubins.zip` on a machine with Triton"):
-        launch.preflight(bundle, 110)
+    assert launch.preflight(bundle, 86, 12020) == launch.Image("sm86", "cubin")
+    assert launch.preflight(bundle, 89, 12020) == launch.Image("sm86", "cubin")  # same major, desktop
+    with pytest.raises(PluginError, match=r"no kernels that run on this GPU \(sm87; it has sm86; sm86 is a desktop "
+                                          r"build and Tegra .*: run `edgetok plugins build --arch sm87 -o .*sm86.cubins.zip`"):
+        launch.preflight(bundle, 87, 12060)
+    with pytest.raises(PluginError, match=r"\(sm110; it has sm86\): run `edgetok plugins build --arch sm110 -o "):
+        launch.preflight(bundle, 110, 13000)
     with pytest.raises(PluginError, match="compiles its plugin kernels for sm86, .*only; export without --plugins"):
-        launch.preflight(bundle, 80)
+        launch.preflight(bundle, 80, 12020)
     # a bundle compiled from other kernel sources (an older edgetok) would run today's plan on other kernels
     import zipfile
 
@@ -309,7 +362,165 @@ def test_preflight_names_the_fix_before_an_engine_is_deserialized(sm86_bundle, t
                 data = json.dumps({**json.loads(data), "source": "0123456789abcdef"}).encode()
             new.writestr(name, data)
     with pytest.raises(PluginError, match="other plugin sources than this edgetok's .*rebuild it"):
-        launch.preflight(cubins.Bundle.open(stale), 86)
+        launch.preflight(cubins.Bundle.open(stale), 86, 12020)
+
+
+def test_manifest_records_assembler_and_drivers_per_build(sm86_bundle, sm120_bundle):
+    """sm86 comes from Triton's CUDA 12 ptxas (its cubins load on any CUDA 12 driver), sm120 from its CUDA 13
+    one (R580+); both carry PTX in the oldest ISA with their target, for older drivers to JIT-compile."""
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    for path, cc, isa, ptx_driver in ((sm86_bundle, 86, "8.0", 12000), (sm120_bundle, 120, "8.7", 12080)):
+        bundle = cubins.Bundle.open(path)
+        (arch, info), = bundle.manifest["archs"].items()
+        assert f"V{info['assembler']}" in get_ptxas_version(cc)  # the ptxas Triton really ran for it
+        assert info["cubin_driver"] == 1000 * int(info["assembler"].split(".")[0])
+        assert (info["ptx_version"], info["ptx_driver"]) == (isa, ptx_driver)
+        ptx = bundle.ptx("tome_merge", arch)
+        assert ptx.endswith(b"\0") and f".version {isa}".encode() in ptx and info["target"].encode() in ptx
+    assert cubins.Bundle.open(sm120_bundle).manifest["archs"]["sm120"]["cubin_driver"] == 13000
+    assert [cubins.driver_for_ptx(v) for v in ("7.8", "8.0", "8.5", "8.7", "8.8", "9.0", "9.3")] == \
+        [11080, 12000, 12050, 12080, 12090, 13000, 13030]
+
+
+class StandInDriver:
+    """cuda.bindings.driver as far as edgetok's launcher and preflight use it: one GPU of compute capability
+    ``capability`` under a driver of CUDA version ``version`` (cuDriverGetVersion's 12080 for 12.8). It
+    records every image cuModuleLoadData is given and every launch; ``refuse`` is what it answers for a
+    cubin (an ELF image), as a driver answers one it cannot use."""
+
+    class CUresult(enum.IntEnum):
+        CUDA_SUCCESS = 0
+        CUDA_ERROR_OUT_OF_MEMORY = 2
+        CUDA_ERROR_INVALID_IMAGE = 200
+        CUDA_ERROR_NO_BINARY_FOR_GPU = 209
+
+    class CUdevice_attribute(enum.IntEnum):
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+        CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+
+    class CUfunction_attribute(enum.IntEnum):
+        CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+    CUstream = int
+
+    def __init__(self, capability: int, version: int, refuse: int = 0):
+        self.capability, self.version, self.refuse = capability, version, refuse
+        self.loaded, self.launched = [], []
+
+    def cuInit(self, flags):
+        return (self.CUresult.CUDA_SUCCESS,)
+
+    def cuDriverGetVersion(self):
+        return self.CUresult.CUDA_SUCCESS, self.version
+
+    def cuDeviceGet(self, ordinal):
+        return self.CUresult.CUDA_SUCCESS, ordinal
+
+    def cuCtxGetCurrent(self):
+        return self.CUresult.CUDA_SUCCESS, 0xC0
+
+    def cuCtxGetDevice(self):
+        return self.CUresult.CUDA_SUCCESS, 0
+
+    def cuDeviceGetAttribute(self, attr, device):
+        value = {75: self.capability // 10, 76: self.capability % 10, 97: 99 * 1024}[int(attr)]
+        return self.CUresult.CUDA_SUCCESS, value
+
+    def cuModuleLoadData(self, image):
+        image = bytes(image)
+        self.loaded.append(image)
+        if image[:4] == b"\x7fELF" and self.refuse:
+            return self.CUresult(self.refuse), None
+        return self.CUresult.CUDA_SUCCESS, len(self.loaded)
+
+    def cuModuleGetFunction(self, module, name):
+        return self.CUresult.CUDA_SUCCESS, (module, name.decode())
+
+    def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        self.launched.append((fn[1], (gx, gy, gz)))
+        return (self.CUresult.CUDA_SUCCESS,)
+
+    def cuGetErrorName(self, err):
+        return self.CUresult.CUDA_SUCCESS, self.CUresult(err).name.encode()
+
+
+def _engine_beside(tmp_path, bundle: Path) -> Path:
+    """An engine file with a build report naming TokenMerge and the bundle beside it: what prepare_engine reads."""
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine")
+    used = [{"name": "TokenMerge", "namespace": "edgetok", "version": "1", "nodes": 1}]
+    (tmp_path / "m.engine.build.json").write_text(json.dumps({"edgetok_plugins": {"plugins": used}}))
+    cubins.bundle_path(engine).write_bytes(bundle.read_bytes())
+    return engine
+
+
+@pytest.mark.parametrize("version,kind", [(13000, "cubin"), (12090, "ptx"), (12080, "ptx"), (12060, None)],
+                         ids=["cuda13.0", "cuda12.9", "cuda12.8", "cuda12.6"])
+def test_preflight_checks_the_driver_against_each_build(tmp_path, monkeypatch, sm120_bundle, version, kind):
+    """An RTX 50 (sm120) whose driver is too old for CUDA 13's cubins JIT-compiles their PTX 8.7 (CUDA
+    12.8+); older than that, the engine is refused before deserializing, naming the driver to install."""
+    import tensorrt_rtx as trt
+
+    from edgetok.runtime.plugins import prepare_engine
+
+    stand_in = StandInDriver(120, version)
+    monkeypatch.setattr(launch, "_driver", lambda: stand_in)  # the binding preflight and launcher share
+    engine = _engine_beside(tmp_path, sm120_bundle)
+    if kind is None:
+        with pytest.raises(PluginError) as refused:
+            prepare_engine(trt, engine)
+        message = str(refused.value)
+        assert "\n" not in message
+        for needle in ("this GPU's driver is CUDA 12.6", "sm120 cubins", "ptxas 13.", "CUDA 13.0 driver", "PTX 8.7",
+                       "update the NVIDIA driver to one for CUDA 12.8 or newer (R570+"):
+            assert needle in message, message
+        return
+    assert prepare_engine(trt, engine)[0]["name"] == "TokenMerge"
+    image = launch.preflight(cubins.Bundle.open(cubins.bundle_path(engine)), 120, version)
+    assert (image.arch, image.kind) == ("sm120", kind)
+    assert kind == "cubin" or "need a CUDA 13.0 driver, this one is CUDA 12." in image.why
+
+
+def _run_merge(bundle_path: Path, stand_in) -> launch.Launcher:
+    plan = tm_kernels.plan([(1, TOKENS, CHANNELS), (1, TOKENS, DIM), (1, TOKENS, 1)], {"r": 4, "prefix": 1, "class_token": 1})
+    launcher = launch.Launcher(cubins.Bundle.open(bundle_path))
+    launcher.run(plan, [0x1000, 0x2000, 0x3000], [0x4000, 0x5000], 0x100000, 0)
+    assert [name for name, _ in stand_in.launched] == ["tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge"]
+    return launcher
+
+
+def test_launcher_loads_ptx_when_the_driver_is_older_than_the_cubins(monkeypatch, sm120_bundle):
+    bundle = cubins.Bundle.open(sm120_bundle)
+    stand_in = StandInDriver(120, 12080)
+    monkeypatch.setattr(launch, "_driver", lambda: stand_in)
+    _run_merge(sm120_bundle, stand_in)
+    names = ["tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge"]
+    assert stand_in.loaded == [bundle.ptx(n, "sm120") for n in names]  # PTX text, NUL-terminated; no cubin tried
+
+    stand_in = StandInDriver(120, 13000)  # new enough: the cubins
+    monkeypatch.setattr(launch, "_driver", lambda: stand_in)
+    _run_merge(sm120_bundle, stand_in)
+    assert stand_in.loaded == [bundle.cubin(n, "sm120") for n in names]
+
+
+def test_launcher_falls_back_to_ptx_when_the_driver_refuses_a_cubin(monkeypatch, sm86_bundle):
+    """A CUDA 12 driver should load CUDA 12.9's cubins (minor version compatibility; unverified on JetPack 6):
+    if it refuses one as an image it cannot use, the launcher JIT-compiles the PTX instead."""
+    bundle = cubins.Bundle.open(sm86_bundle)
+    stand_in = StandInDriver(86, 12020, refuse=StandInDriver.CUresult.CUDA_ERROR_INVALID_IMAGE)
+    monkeypatch.setattr(launch, "_driver", lambda: stand_in)
+    launcher = _run_merge(sm86_bundle, stand_in)
+    assert stand_in.loaded == [bundle.cubin("tome_norm", "sm86")] + [  # one refused cubin, then PTX only
+        bundle.ptx(n, "sm86") for n in ("tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge")]
+    (state,) = launcher._contexts.values()
+    assert state["image"].kind == "ptx" and "CUDA_ERROR_INVALID_IMAGE" in state["image"].why
+    stand_in = StandInDriver(86, 12020, refuse=StandInDriver.CUresult.CUDA_ERROR_OUT_OF_MEMORY)  # not the image's fault
+    monkeypatch.setattr(launch, "_driver", lambda: stand_in)
+    with pytest.raises(PluginError, match=r"^loading the tome_norm cubin \(sm86\) failed: CUDA_ERROR_OUT_OF_MEMORY$"):
+        _run_merge(sm86_bundle, stand_in)
 
 
 def test_rtx_build_without_targets_names_the_kernels_architectures(capsys, tmp_path, sm86_bundle):

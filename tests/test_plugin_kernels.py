@@ -296,8 +296,9 @@ def test_bundle_round_trip(cache, tmp_path, monkeypatch):
     with pytest.raises(PluginError, match="no kernel"):
         bundle.kernel("nope")
     with zipfile.ZipFile(path) as z:
-        assert sorted(z.namelist()) == sorted([cubins.MANIFEST] + [f"{a}/{k.name}.cubin" for a in ("sm87", "sm90")
-                                                                  for _, k in cubins._kernels()])
+        assert sorted(z.namelist()) == sorted([cubins.MANIFEST] + [f"{a}/{k.name}.{ext}" for a in ("sm87", "sm90")
+                                                                  for _, k in cubins._kernels()
+                                                                  for ext in ("cubin", "ptx")])
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(PluginError, match="not a cubin bundle"):
         cubins.Bundle.open(tmp_path / "bad.zip")

@@ -137,6 +137,44 @@ def test_plugins_export_equals_standard_op_export(tmp_path, model, kw):
     assert np.abs(got - want).max() <= 1e-5
 
 
+def test_every_plugin_node_names_its_namespace_and_version(tmp_path):
+    """TensorRT's ONNX parser before 10.10 (JetPack 6: 10.3) takes the plugin namespace only from the
+    ``plugin_namespace`` attribute (default ""), not from the domain: every node the exporter writes for an
+    edgetok op carries it, and the version."""
+    import edgetok.vit.attention  # noqa: F401  (registers the ops' export rules)
+    import edgetok.vit.dynamic  # noqa: F401
+    import edgetok.vit.tome  # noqa: F401
+
+    class Steps(torch.nn.Module):  # each edgetok op once, as the ViT exports write them
+        def forward(self, x, q):
+            ops = torch.ops.edgetok
+            size = torch.ones_like(x[..., :1])
+            merged, merged_size = ops.token_merge(x, x, size, 2, 1, True)
+            pruned, _, _ = ops.token_prune(merged, merged_size, merged[..., 0] > 0, 1)
+            out, _ = ops.size_biased_attention(q, q, q, size, 0.5)
+            sparse, _ = ops.block_sparse_attention(out, q, q, size, 0.5, 16, 0.9, 0.0, 1)
+            return pruned.sum() + sparse.sum()
+
+    path = tmp_path / "steps.onnx"
+    x, q = torch.randn(1, 17, 8), torch.randn(1, 2, 17, 8)
+    torch.onnx.export(Steps(), (x, q), str(path), dynamo=False, opset_version=17)
+    nodes = plugin_spec.plugin_nodes(onnx.load(str(path)))
+    assert sorted(n.op_type for n in nodes) == ["BlockSparseAttention", "SizeBiasedAttention", "TokenMerge", "TokenPrune"]
+    for node in nodes:
+        attrs = {a.name: a for a in node.attribute}
+        for name, value in (("plugin_namespace", b"edgetok"), ("plugin_version", b"1")):
+            assert attrs[name].type == onnx.AttributeProto.STRING and attrs[name].s == value, (node.op_type, name)
+
+
+def test_a_node_of_another_plugin_namespace_is_refused():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 17, 8])
+    node = onnx.helper.make_node("TokenMerge", ["x", "x", "s"], ["y", "ys"], name="m", domain="edgetok", r=2,
+                                 plugin_version="1", plugin_namespace="acme")
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [x]))
+    with pytest.raises(EdgetokError, match="plugin namespace 'acme' is not edgetok's"):
+        plugin_spec.uses(model)
+
+
 def test_lint_names_foreign_and_wrong_version_plugin_nodes():
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 17, 8])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)

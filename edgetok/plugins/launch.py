@@ -6,6 +6,12 @@ the two hidden scratch pointers every Triton >= 3.3 entry takes) and launches on
 The workspace TensorRT hands ``enqueue`` holds the plan's scratch, then the hidden global and profile
 scratch (both sized per launched block, as Triton allocates them); ``workspace_size`` reserves all three.
 Argument packing and the workspace layout are pure functions, checkable without a GPU.
+
+Which image runs: the bundle's build whose cubins CUDA's binary compatibility rules let run on the GPU
+(``runs_on``); its cubins when the driver (``cuDriverGetVersion``) is new enough for their assembler, else
+their PTX, which ``cuModuleLoadData`` JIT-compiles, when the driver supports its ISA (``choose_image``). The
+preflight refuses what neither can run, in one line naming the build or driver to get; the launcher also
+falls back to the PTX when a driver that should load a cubin refuses it as an image it cannot use.
 """
 
 from __future__ import annotations
@@ -129,24 +135,114 @@ def launch_values(launch: Launch, inputs, outputs, workspace: int, where: Layout
     return resolve(launch, inputs, outputs, workspace) + hidden
 
 
-def select_arch(capability: int, available: list[str], where: str = "the cubin bundle") -> str:
-    """The bundle's build ('sm86') for a GPU of compute capability ``capability`` (86): the exact one, else,
-    below sm90 (whose Triton cubins are architecture-specific, sm_90a), the newest of the same major that is
-    not newer (an sm86 cubin runs on sm89)."""
+# Compute capabilities of Tegra GPUs (Jetson, DRIVE): TK1, TX1, TX2, Xavier, Orin, Thor (sm_101 until CUDA 13
+# renamed it sm_110). CUDA supports cubin binary compatibility on desktop GPUs only: not among Tegra GPUs, and
+# not between Tegra and desktop ones (CUDA C++ Programming Guide, "Binary Compatibility").
+TEGRA = frozenset({32, 53, 62, 72, 87, 101, 110})
+
+
+def _target(arch: str, targets: dict | None) -> str:
+    """The PTX target of a build ('sm_90a'): from the manifest, else Triton's rule (arch-specific from sm90)."""
+    cc = int(arch[2:])
+    return (targets or {}).get(arch) or f"sm_{cc}{'a' if cc >= 90 else ''}"
+
+
+def runs_on(arch: str, capability: int, target: str | None = None) -> bool:
+    """Whether the cubins of build ``arch`` ('sm86', PTX target ``target``) run on a GPU of compute capability
+    ``capability`` (89), by CUDA's rules: the same capability always; else a desktop build on a desktop GPU
+    of the same major version and a higher-or-equal minor one, unless the build is architecture-specific
+    (sm_90a and the like run on exactly that capability)."""
+    cc = int(arch[2:])
+    if cc == capability:
+        return True
+    if _target(arch, {arch: target} if target else None).endswith("a") or cc in TEGRA or capability in TEGRA:
+        return False
+    return cc // 10 == capability // 10 and cc < capability
+
+
+def _why_not(arch: str, capability: int, target: str) -> str | None:
+    """Why a build of the GPU's major version does not run on it, for the refusal; None for other majors."""
+    cc = int(arch[2:])
+    if cc // 10 != capability // 10:
+        return None
+    if (cc in TEGRA) != (capability in TEGRA):
+        return f"{arch} is {'a Tegra' if cc in TEGRA else 'a desktop'} build and Tegra and desktop GPUs do not run each other's cubins"
+    if cc in TEGRA:
+        return "Tegra cubins run only on the exact GPU they were built for"
+    if target.endswith("a"):
+        return f"{arch} cubins ({target}) run only on sm{cc}"
+    return f"{arch} cubins do not run on the older sm{capability}"
+
+
+def select_arch(capability: int, available: list[str], where: str = "the cubin bundle",
+                targets: dict | None = None) -> str:
+    """The bundle's build ('sm86') for a GPU of compute capability ``capability`` (86): the exact one, else
+    the newest that ``runs_on`` it (an sm86 desktop build runs on an sm89 GPU; nothing but sm87 runs on an
+    Orin). ``targets``: each build's PTX target from the manifest ('sm_90a'). The refusal is one line naming
+    the ``plugins build --arch`` to run, or, for a GPU no edgetok build can serve, the export to make."""
     from edgetok.plugins.cubins import ARCHS
 
-    numbers = {int(a[2:]): a for a in available}
-    if capability in numbers:
-        return numbers[capability]
-    same = [n for n in numbers if n // 10 == capability // 10 and n <= capability < 90]
-    if same:
-        return numbers[max(same)]
+    runnable = [a for a in available if runs_on(a, capability, _target(a, targets))]
+    if runnable:
+        return max(runnable, key=lambda a: int(a[2:]))
     have = ", ".join(available) or "none"
-    if f"sm{capability}" not in ARCHS:
-        raise PluginError(f"{where} has no kernels for this GPU (sm{capability}; it has {have}), and edgetok compiles "
+    reasons = [r for a in available if (r := _why_not(a, capability, _target(a, targets)))]
+    why = f"; {reasons[0]}" if reasons else ""
+    buildable = [a for a in ARCHS if runs_on(a, capability)]
+    if capability == 101:  # Thor under a CUDA 12 driver: edgetok's Thor build is CUDA 13's sm110
+        raise PluginError(f"this GPU reports sm101: a Thor under a CUDA 12 driver; edgetok's Thor kernels are sm110 "
+                          "cubins, which need a CUDA 13 driver: update to JetPack 7")
+    if not buildable:
+        raise PluginError(f"{where} has no kernels for this GPU (sm{capability}; it has {have}{why}), and edgetok compiles "
                           f"its plugin kernels for {', '.join(ARCHS)} only; export without --plugins for this GPU")
-    raise PluginError(f"{where} has no kernels for this GPU (sm{capability}; it has {have}): run `edgetok plugins "
-                      f"build --arch sm{capability} -o {where}` on a machine with Triton (x86 with torch)")
+    arch = max(buildable, key=lambda a: int(a[2:]))
+    raise PluginError(f"{where} has no kernels that run on this GPU (sm{capability}; it has {have}{why}): run "
+                      f"`edgetok plugins build --arch {arch} -o {where}` on a machine with Triton (x86 with torch)")
+
+
+# Oldest desktop driver branch per CUDA version, for refusals (CUDA Toolkit release notes, Linux)
+_BRANCHES = {12000: 525, 12010: 530, 12020: 535, 12030: 545, 12040: 550, 12050: 555, 12060: 560, 12080: 570,
+             12090: 575, 13000: 580}
+
+
+def _driver_hint(version: int) -> str:
+    from edgetok.plugins.cubins import cuda_text
+
+    branch = max((b for v, b in _BRANCHES.items() if v <= version), default=None) if version <= 13000 else None
+    desktop = f"R{branch}+ on a desktop GPU, " if branch else ""
+    return f"update the NVIDIA driver to one for CUDA {cuda_text(version)} or newer ({desktop}a JetPack that brings it on a Jetson)"
+
+
+@dataclass(frozen=True)
+class Image:
+    """What the launcher loads for one GPU: build ``arch``'s cubins, or (``kind`` 'ptx') their PTX for the
+    driver to JIT-compile, with the reason (``why``)."""
+    arch: str
+    kind: str = "cubin"
+    why: str = ""
+
+
+def choose_image(bundle, capability: int, driver_version: int, where: str | None = None) -> Image:
+    """The build for this GPU (``select_arch``) and whether its cubins or its PTX load under a driver of
+    ``driver_version`` (cuDriverGetVersion: 12080 for CUDA 12.8), from what the manifest says each needs;
+    one line naming the driver to install when neither does."""
+    from edgetok.plugins.cubins import cuda_text
+
+    where = where or str(bundle.path)
+    archs = bundle.manifest.get("archs", {})
+    arch = select_arch(capability, bundle.archs, where, {a: v.get("target") for a, v in archs.items()})
+    info = archs.get(arch, {})
+    cubin_needs, ptx_needs = info.get("cubin_driver"), info.get("ptx_driver")
+    if cubin_needs is None or driver_version >= cubin_needs:
+        return Image(arch)
+    have = cuda_text(driver_version)
+    cubins = f"the {arch} cubins in {where} come from ptxas {info.get('assembler')} and need a CUDA {cuda_text(cubin_needs)} driver"
+    if ptx_needs is not None and driver_version >= ptx_needs:
+        return Image(arch, "ptx", f"{cubins}, this one is CUDA {have}: the driver JIT-compiles their PTX "
+                                  f"{info.get('ptx_version')} instead (once; it caches the result)")
+    needs = min(cubin_needs, ptx_needs) if ptx_needs is not None else cubin_needs
+    raise PluginError(f"this GPU's driver is CUDA {have}, but {cubins} (their PTX {info.get('ptx_version')} needs "
+                      f"CUDA {cuda_text(ptx_needs or cubin_needs)}): {_driver_hint(needs)}")
 
 
 def device_capability(ordinal: int = 0) -> int:
@@ -162,15 +258,22 @@ def device_capability(ordinal: int = 0) -> int:
     return 10 * int(major) + int(minor)
 
 
-def preflight(bundle, capability: int) -> str:
-    """Before an engine is deserialized: the bundle matches this edgetok's kernels and holds intact cubins of
-    every kernel for this GPU, so that enqueue cannot fail on them (TensorRT would only log it). Returns
-    the architecture whose cubins will run."""
+def driver_version() -> int:
+    """The CUDA version the installed driver supports (12060 for 12.6), through the driver API (no torch)."""
+    driver = _driver()
+    return int(_call("cuDriverGetVersion", driver.cuDriverGetVersion))
+
+
+def preflight(bundle, capability: int, driver: int) -> Image:
+    """Before an engine is deserialized: the bundle matches this edgetok's kernels, has a build that runs
+    on this GPU (compute capability ``capability``) under this driver (``driver``, cuDriverGetVersion's
+    value), and holds that build's images of every kernel intact, so that enqueue cannot fail on them
+    (TensorRT would only log it). Returns what will be loaded."""
     bundle.check_current()
-    arch = select_arch(capability, bundle.archs, str(bundle.path))
+    image = choose_image(bundle, capability, driver)
     for name in bundle.manifest.get("kernels", {}):
-        bundle.cubin(name, arch)
-    return arch
+        bundle.image(name, image.arch, image.kind)
+    return image
 
 
 def _driver():
@@ -181,20 +284,35 @@ def _driver():
     return driver
 
 
-def _call(what: str, fn, *args):
-    """Call a cuda-python driver function and unpack its (CUresult, *values), raising one line on failure
-    (a missing driver library raises before any CUresult exists)."""
-    driver = _driver()
+def _try(what: str, fn, *args) -> tuple:
+    """Call a cuda-python driver function: (CUresult, value) with its values unpacked; raises one line only
+    when the call itself raises (a missing driver library does so before any CUresult exists)."""
     try:
         result = fn(*args)
     except Exception as exc:
         raise PluginError(f"{what} failed: {' '.join(str(exc).split()) or type(exc).__name__}") from None
     err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        name = driver.cuGetErrorName(err)
-        name = name[1].decode() if name[0] == driver.CUresult.CUDA_SUCCESS else str(err)
-        raise PluginError(f"{what} failed: {name}")
-    return rest[0] if len(rest) == 1 else (tuple(rest) or None)
+    return err, rest[0] if len(rest) == 1 else (tuple(rest) or None)
+
+
+def _error_name(err) -> str:
+    driver = _driver()
+    name = driver.cuGetErrorName(err)
+    return name[1].decode() if name[0] == driver.CUresult.CUDA_SUCCESS else str(err)
+
+
+def _call(what: str, fn, *args):
+    """``_try``, raising one line naming the error on any CUresult but success."""
+    err, value = _try(what, fn, *args)
+    if err != _driver().CUresult.CUDA_SUCCESS:
+        raise PluginError(f"{what} failed: {_error_name(err)}")
+    return value
+
+
+# What cuModuleLoadData answers for an image this driver cannot use (a newer cubin ABI, an unknown target):
+# the PTX may still JIT-compile. Any other error is not the image's fault.
+_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+                 "CUDA_ERROR_INVALID_SOURCE")
 
 
 class Launcher:
@@ -204,12 +322,14 @@ class Launcher:
         self.bundle = bundle
         self._lock = threading.Lock()
         self._initialised = False
-        self._contexts: dict[int, dict] = {}  # context -> {"capability", "optin", "functions": {name: ...}}
+        self._contexts: dict[int, dict] = {}  # context -> {"capability", "optin", "image", "functions": {name: ...}}
+        self.driver_version = 0
 
     def _context(self) -> dict:
         driver = _driver()
         if not self._initialised:
             _call("cuInit", driver.cuInit, 0)  # idempotent; TensorRT's runtime has normally done it already
+            self.driver_version = int(_call("cuDriverGetVersion", driver.cuDriverGetVersion))
             self._initialised = True
         key = int(_call("cuCtxGetCurrent", driver.cuCtxGetCurrent) or 0)
         if not key:
@@ -225,9 +345,30 @@ class Launcher:
             capability = 10 * get(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) + \
                 get(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
             state = {"capability": capability, "functions": {},
-                     "optin": get(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)}
+                     "optin": get(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+                     "image": choose_image(self.bundle, capability, self.driver_version)}
             self._contexts[key] = state
         return state
+
+    def _load(self, state: dict, name: str):
+        """The module of kernel ``name``: the cubin, or the PTX for the driver to JIT-compile when the image
+        choice says so, or when this driver refuses the cubin as an image it cannot use and takes the PTX."""
+        driver = _driver()
+        image = state["image"]
+        if image.kind == "cubin":
+            err, module = _try(f"loading the {name} cubin ({image.arch})", driver.cuModuleLoadData,
+                               self.bundle.cubin(name, image.arch))
+            if err == driver.CUresult.CUDA_SUCCESS:
+                return module
+            info = self.bundle.manifest.get("archs", {}).get(image.arch, {})
+            fallback = _error_name(err) in _IMAGE_ERRORS and "ptx" in self.bundle.kernel(name)["archs"][image.arch] \
+                and self.driver_version >= int(info.get("ptx_driver", 0))
+            if not fallback:
+                raise PluginError(f"loading the {name} cubin ({image.arch}) failed: {_error_name(err)}")
+            state["image"] = image = Image(image.arch, "ptx", f"this driver refused the {image.arch} cubin of {name} "
+                                                               f"({_error_name(err)}): JIT-compiling the PTX instead")
+        return _call(f"JIT-compiling the {name} PTX ({image.arch})", driver.cuModuleLoadData,
+                     self.bundle.ptx(name, image.arch))
 
     def _function(self, state: dict, name: str) -> tuple:
         """(module, function, launch facts) of kernel ``name`` in this context, loading its cubin once."""
@@ -235,9 +376,8 @@ class Launcher:
             return state["functions"][name]
         driver = _driver()
         meta = self.bundle.kernel(name)
-        arch = select_arch(state["capability"], list(meta["archs"]))
-        info = meta["archs"][arch]
-        module = _call(f"loading the {name} cubin ({arch})", driver.cuModuleLoadData, self.bundle.cubin(name, arch))
+        info = meta["archs"][state["image"].arch]
+        module = self._load(state, name)
         entry = info.get("entry") or name
         fn = _call(f"cuModuleGetFunction {entry}", driver.cuModuleGetFunction, module, entry.encode())
         shared = int(info.get("shared", 0))

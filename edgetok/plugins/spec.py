@@ -17,6 +17,14 @@ NAMESPACE = "edgetok"  # ONNX domain and TensorRT plugin namespace
 VERSION = "1"
 
 
+def node_attributes() -> dict:
+    """What every exported edgetok node carries besides its fields, spelled for torch.onnx's ``g.op``.
+    TensorRT's ONNX parser takes the plugin version from ``plugin_version`` and, before TensorRT 10.10
+    (JetPack 6 has 10.3), the namespace only from ``plugin_namespace`` (default ""), not from the domain:
+    without it the parser asks the registry for TokenMerge in the empty namespace and finds no creator."""
+    return {"plugin_version_s": VERSION, "plugin_namespace_s": NAMESPACE}
+
+
 class PluginError(EdgetokError):
     """A plugin node that the spec rejects (bad field, shape or dtype); the message is one line."""
 
@@ -197,10 +205,10 @@ def plugin_nodes(model) -> list:
 
 
 def node_spec(node) -> PluginSpec:
-    """The spec an ``edgetok`` node asks for (its op and ``plugin_version``), its fields checked."""
-    attrs = node_fields(node)
-    version = attrs.get("plugin_version", VERSION)
-    spec = get(node.op_type, version.decode() if isinstance(version, bytes) else str(version))
+    """The spec an ``edgetok`` node asks for (its op, ``plugin_version`` and ``plugin_namespace``), its fields
+    checked."""
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in node_fields(node).items()}
+    spec = get(node.op_type, str(attrs.get("plugin_version", VERSION)), str(attrs.get("plugin_namespace", NAMESPACE)))
     spec.resolve(attrs)
     return spec
 

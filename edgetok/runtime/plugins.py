@@ -66,7 +66,8 @@ def data_dependent_plugins(engine: str | Path) -> list[str]:
 def prepare_engine(trt, engine: str | Path) -> list[dict]:
     """Register edgetok's TensorRT plugins (launching the cubins carried beside the engine) before it is
     deserialized, and check now what enqueue would otherwise fail on inside TensorRT, which only logs it:
-    the bundle is there, matches this edgetok's kernels, and has intact cubins for this GPU."""
+    the bundle is there, matches this edgetok's kernels, and has intact cubins (or PTX) that this GPU and its
+    driver can load."""
     from edgetok.plugins.cubins import Bundle, bundle_path
 
     needed = engine_plugins(engine)
@@ -80,7 +81,7 @@ def prepare_engine(trt, engine: str | Path) -> list[dict]:
     from edgetok.plugins import launch
     from edgetok.plugins.tensorrt import register
 
-    launch.preflight(Bundle.open(bundle), launch.device_capability())
+    launch.preflight(Bundle.open(bundle), launch.device_capability(), launch.driver_version())
     register(trt, bundle)
     return needed
 

@@ -73,10 +73,10 @@ def _(q, k, v, size, scale):
 def _node(g, q, k, v, size, scale):
     from torch.onnx import symbolic_helper
 
-    from edgetok.plugins.spec import NAMESPACE, VERSION
+    from edgetok.plugins.spec import NAMESPACE, node_attributes
 
     scale = symbolic_helper._get_const(scale, "f", "scale")
-    out, row = g.op(f"{NAMESPACE}::SizeBiasedAttention", q, k, v, size, scale_f=scale, plugin_version_s=VERSION,
+    out, row = g.op(f"{NAMESPACE}::SizeBiasedAttention", q, k, v, size, scale_f=scale, **node_attributes(),
                     outputs=2)
     out.setType(q.type())
     sizes = q.type().varyingSizes() or [None] * 4
@@ -153,12 +153,12 @@ def _(q, k, v, size, scale, block, mass, keep, prefix):
 def _sparse_node(g, q, k, v, size, scale, block, mass, keep, prefix):
     from torch.onnx import symbolic_helper as sh
 
-    from edgetok.plugins.spec import NAMESPACE, VERSION
+    from edgetok.plugins.spec import NAMESPACE, node_attributes
 
     out, kept = g.op(f"{NAMESPACE}::BlockSparseAttention", q, k, v, size, scale_f=sh._get_const(scale, "f", "scale"),
                      block_i=sh._get_const(block, "i", "block"), mass_f=sh._get_const(mass, "f", "mass"),
                      keep_f=sh._get_const(keep, "f", "keep"), prefix_i=sh._get_const(prefix, "i", "prefix"),
-                     plugin_version_s=VERSION, outputs=2)
+                     **node_attributes(), outputs=2)
     out.setType(q.type())
     kept.setType(q.type().with_sizes([(q.type().varyingSizes() or [None])[0]]))
     return out, kept

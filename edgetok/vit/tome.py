@@ -191,12 +191,12 @@ def _(x, metric, size, r, prefix, class_token):
 def _token_merge_node(g, x, metric, size, r, prefix, class_token):
     from torch.onnx import symbolic_helper
 
-    from edgetok.plugins.spec import NAMESPACE, VERSION
+    from edgetok.plugins.spec import NAMESPACE, node_attributes
 
     r, prefix = symbolic_helper._get_const(r, "i", "r"), symbolic_helper._get_const(prefix, "i", "prefix")
     class_token = symbolic_helper._get_const(class_token, "b", "class_token")
     merged, merged_size = g.op(f"{NAMESPACE}::TokenMerge", x, metric, size, r_i=r, prefix_i=prefix,
-                               class_token_i=int(class_token), plugin_version_s=VERSION, outputs=2)
+                               class_token_i=int(class_token), **node_attributes(), outputs=2)
     _, tokens, channels = x.type().varyingSizes() or (None, None, None)  # None: not known to the exporter
     tokens = None if tokens is None else tokens - r
     merged.setType(x.type().with_sizes([None, tokens, channels]))
