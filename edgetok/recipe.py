@@ -39,8 +39,8 @@ def resolve(recipe: str) -> str:
 def load(recipe: str, say=None) -> dict:
     """A recipe by path, or by built-in name (``deit_small_tome_r13``); ``say`` is told which file was used."""
     source = resolve(recipe)
-    if say:
-        say(f"recipe {recipe}: {source}" + (" (built-in)" if not is_path(recipe) else ""))
+    if say:  # a built-in name is told where its file is; a path the user gave is named once
+        say(f"recipe {recipe}" + ("" if is_path(recipe) else f": {source} (built-in)"))
     text = Path(source).read_text()
     try:
         data = yaml.safe_load(text)

@@ -147,6 +147,82 @@ def pitome_merge(x, sizes, k, r: int, prefix: int, margin: float, stats: dict):
     return torch.stack(rows), new_sizes
 
 
+def pitome_bsm_merge(x, sizes, k, r: int, prefix: int, margin: float, stats: dict):
+    """``pitome_bsm`` of the authors' merge.py (hchautran/PiToMe 550b5de), the rule of their DeiT patch's first
+    ceil(L/2) blocks.
+
+    1-3. As ``pitome_merge``: energies, tokens by energy (highest first, equal energies by position).
+    4. *All* tokens alternate A, B, A, ... along that order (``indices[..., ::2]``, ``indices[..., 1::2]``).
+    5. Each A token's most similar B token (equal similarities: the earlier B); A tokens ranked by that best
+       similarity, highest first (equal: the earlier A); the first r merge into their B (size-weighted).
+    6. Output: the prefix tokens, the unmerged A tokens in that ranking, then B (energy order).
+    """
+    metric = k.mean(dim=0)[prefix:]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    n = metric.shape[0]
+    cos = [[float(metric[i] @ metric[j]) for j in range(n)] for i in range(n)]
+
+    def elu(v):
+        return v if v > 0 else math.exp(v) - 1.0
+
+    energy = [sum(elu(cos[i][j] - margin) for j in range(n)) / n for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-energy[i], i))
+    for i, j in zip(order, order[1:]):
+        note_gap(stats, energy[i] - energy[j])
+    set_a, set_b = order[0::2], order[1::2]
+    best = {}
+    for a in set_a:
+        ranked = sorted(set_b, key=lambda b: -cos[a][b])
+        if len(ranked) > 1:
+            note_gap(stats, cos[a][ranked[0]] - cos[a][ranked[1]])
+        best[a] = ranked[0]
+    edges = sorted(set_a, key=lambda a: -cos[a][best[a]])
+    for a, b in zip(edges, edges[1:]):
+        note_gap(stats, cos[a][best[a]] - cos[b][best[b]])
+    groups = {b: [b] for b in set_b}
+    for a in edges[:r]:
+        groups[best[a]].append(a)
+    rows = [x[i] for i in range(prefix)] + [x[prefix + a] for a in edges[r:]]
+    new_sizes = [sizes[i] for i in range(prefix)] + [sizes[prefix + a] for a in edges[r:]]
+    for b in set_b:
+        members = [prefix + m for m in groups[b]]
+        total = sum(sizes[m] for m in members)
+        rows.append(sum(sizes[m] * x[m] for m in members) / total)
+        new_sizes.append(total)
+    return torch.stack(rows), new_sizes
+
+
+@torch.no_grad()
+def pitome_forward(model, images, r_per_layer, variant: str = "reference"):
+    """Logits with PiToMe, and the tokens entering each MLP. ``reference``: the authors' DeiT patch
+    (algo/pitome/patch/deit.py at 550b5de): margins 0.75 - 0.75*l/L, ``pitome_bsm`` in the first ceil(L/2)
+    blocks, ``pitome`` after, attention without sizes (their block calls ``self.attn(self.norm1(x))``).
+    ``protected``: margins 0.9 - 0.8*l/L, ``pitome`` in every block, proportional attention."""
+    depth = len(model.blocks)
+    if variant == "reference":
+        margins, bsm, proportional = [0.75 - 0.75 * (i / depth) for i in range(depth)], math.ceil(depth * 0.5), False
+    else:
+        margins, bsm, proportional = [0.9 - 0.8 * (i / depth) for i in range(depth)], 0, True
+    prefix = model.num_prefix_tokens
+    stats: dict = {}
+    outputs, counts = [], []
+    for image in images:
+        x = embedded(model, image)
+        sizes = [1.0] * x.shape[0]
+        image_counts = []
+        for layer, block in enumerate(model.blocks):
+            out, q, k = attention(block, x, sizes, proportional=proportional)
+            x = x + block.ls1(out)
+            if r_per_layer[layer]:
+                merge = pitome_bsm_merge if layer < bsm else pitome_merge
+                x, sizes = merge(x, sizes, k, r_per_layer[layer], prefix, margins[layer], stats)
+            image_counts.append(x.shape[0])
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        outputs.append(model.forward_head(model.norm(x[None]))[0])
+        counts = counts or image_counts
+    return torch.stack(outputs), counts, stats
+
+
 def gtp_graph(x, prefix: int, kind: str, neighbours: int = 8):
     """GTP's graph over one image's embedded patch tokens, entry by entry: spatial (grid cells touching,
     itself excluded), semantic (j at or above i's (k+1)-th largest cosine similarity, itself excluded) or
@@ -168,12 +244,36 @@ def gtp_graph(x, prefix: int, kind: str, neighbours: int = 8):
     return [[graph[i][j] / math.sqrt(degree[i] * degree[j]) if graph[i][j] else 0.0 for j in range(n)] for i in range(n)]
 
 
-def gtp_propagate(x, sizes, q, k, scale, graph, p: int, prefix: int, alpha: float, stats: dict):
+def gtp_attention(block, x, sizes, theta: float, stats: dict):
+    """One block's attention as models_v3.py's ``Attention`` computes it: softmax of q·k·scale + log(size); with
+    θ < 1, in each head the entries below the k-th smallest of the N² (k = int(N*N*(1 - theta)), its
+    ``kthvalue``) set to 0, not renormalised. Returns (output [N, C], probabilities [H, N, N])."""
+    attn = block.attn
+    n = x.shape[0]
+    qkv = attn.qkv(block.norm1(x)).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+    logits = (q @ k.transpose(-2, -1)) * attn.scale + torch.tensor(sizes, dtype=x.dtype).log()[None, None, :]
+    probs = logits.softmax(dim=-1)
+    count = int(n * n * (1 - theta))
+    if theta < 1 and count >= 1:
+        for h in range(probs.shape[0]):
+            values = sorted(float(v) for v in probs[h].flatten())
+            cut = values[count - 1]
+            if count >= 2:
+                note_gap(stats, cut - values[count - 2])  # the largest entry zeroed against the cut
+            for i in range(n):
+                for j in range(n):
+                    if float(probs[h, i, j]) < cut:
+                        probs[h, i, j] = 0.0
+    out = (probs @ v).transpose(0, 1).reshape(n, -1)
+    return attn.proj(attn.norm(out)), probs
+
+
+def gtp_propagate(x, sizes, attn, graph, p: int, prefix: int, alpha: float, stats: dict):
     """One GTP step on one image: rank = max over heads of A[i, i] times max over heads of the attention token
-    i receives (A with log(size), all queries); the p lowest-ranked patch tokens are removed and each kept
-    token (in rank order, highest first) adds alpha * graph[kept, removed] * removed, tokens and sizes alike."""
-    logits = (q @ k.transpose(-2, -1)) * scale + torch.tensor(sizes, dtype=x.dtype).log()[None, None, :]
-    attn = logits.softmax(dim=-1)  # [H, N, N]
+    i receives (A: the block's probabilities, with log(size) and θ, all queries); the p lowest-ranked patch tokens
+    are removed and each kept token (in rank order, highest first) adds alpha * graph[kept, removed] * removed,
+    tokens and sizes alike."""
     n = x.shape[0]
     rank = {}
     for i in range(prefix, n):
@@ -262,8 +362,9 @@ def zerotprune_prune(x, q, k, scale, r: int, steps: int, prefix: int, class_toke
 
 
 @torch.no_grad()
-def gtp_forward(model, images, propagate, alpha: float, kind: str):
-    """Logits with GTP in every block (``propagate``: tokens per block), and the tokens entering each MLP."""
+def gtp_forward(model, images, propagate, alpha: float, kind: str, theta: float = 1.0):
+    """Logits with GTP in every block (``propagate``: tokens per block; θ in every block's attention), and the
+    tokens entering each MLP."""
     prefix = model.num_prefix_tokens
     stats: dict = {}
     outputs, counts = [], []
@@ -273,11 +374,10 @@ def gtp_forward(model, images, propagate, alpha: float, kind: str):
         sizes = [1.0] * x.shape[0]
         image_counts = []
         for layer, block in enumerate(model.blocks):
-            out, q, k = attention(block, x, sizes, proportional=True)
+            out, attn = gtp_attention(block, x, sizes, theta, stats)
             x = x + block.ls1(out)
             if propagate[layer]:
-                x, sizes, graph = gtp_propagate(x, sizes, q, k, block.attn.scale, graph, propagate[layer], prefix,
-                                                alpha, stats)
+                x, sizes, graph = gtp_propagate(x, sizes, attn, graph, propagate[layer], prefix, alpha, stats)
             image_counts.append(x.shape[0])
             x = x + block.ls2(block.mlp(block.norm2(x)))
         outputs.append(model.forward_head(model.norm(x[None]))[0])
@@ -297,7 +397,7 @@ def note_gap(stats: dict, gap: float) -> None:
 
 @torch.no_grad()
 def reference_forward(model, images, method: str = "none", r_per_layer=None, keep_rate=None, keep_layers=(),
-                      margins=None, zerotprune=None):
+                      zerotprune=None):
     """Logits of ``model`` (an unpatched timm VisionTransformer) with the method applied.
 
     Returns (logits [B, classes], tokens entering each block's MLP for the first image, stats).
@@ -312,11 +412,9 @@ def reference_forward(model, images, method: str = "none", r_per_layer=None, kee
         sizes = [1.0] * x.shape[0]
         image_counts = []
         for layer, block in enumerate(model.blocks):
-            out, q, k = attention(block, x, sizes, proportional=method in ("tome", "pitome"))
+            out, q, k = attention(block, x, sizes, proportional=method == "tome")
             x = x + block.ls1(out)
-            if method == "pitome" and r_per_layer[layer] > 0:
-                x, sizes = pitome_merge(x, sizes, k, r_per_layer[layer], prefix, margins[layer], stats)
-            elif method == "zerotprune" and r_per_layer[layer] > 0:
+            if method == "zerotprune" and r_per_layer[layer] > 0:
                 x, sizes = zerotprune_prune(x, q, k, block.attn.scale, r_per_layer[layer], zerotprune["steps"][layer],
                                             prefix, class_token, zerotprune["bounds"], zerotprune["share"], stats)
             elif method == "tome" and r_per_layer[layer] > 0:
@@ -339,7 +437,9 @@ def dtome_merge(x, sizes, k, threshold: float, prefix: int, cap, stats: dict):
     the set they fall in), but instead of the r best edges, every A token whose best similarity is
     *above* ``threshold`` merges into its match; with a ``cap``, only the image's ``cap`` best-matching A
     tokens may (ties: the first position). The survivors come out as DyMU's (and ToMe's) merge writes them:
-    prefix tokens, the unmerged A tokens, then the B tokens, each in position order.
+    prefix tokens, the unmerged A tokens, then the B tokens, each in position order -- unless no A token's
+    best similarity exceeds the threshold (before the cap): DyMU's per-image step (``bipartite_soft_matching``
+    with ``specified_threshold``) then returns ``do_nothing`` and the tokens stay where they are.
     Returns (tokens, sizes, number merged).
     """
     metric = k.mean(dim=0)
@@ -361,6 +461,8 @@ def dtome_merge(x, sizes, k, threshold: float, prefix: int, cap, stats: dict):
         if others:
             note_gap(stats, top[0] - max(others))
         note_gap(stats, abs(top[0] - threshold))
+    if not any(score > threshold for score, _ in best.values()):
+        return x, list(sizes), 0
     ranked = sorted(best, key=lambda a: (-best[a][0], a))
     if cap is not None:
         if 0 < cap < len(ranked):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from cli_assertions import assert_one_line_error, run_cli
-from reference_ats import ats_keep
+from reference_ats import ats_forward, ats_keep, ats_scores
 
 from edgetok.onnx.validate import ort_session
 from edgetok.plugins.token_counts import add_count_outputs, engine_count_outputs, per_image, sizes_outputs
@@ -27,6 +27,43 @@ def test_sampling_equals_the_reference_loops(tokens, n_ref, budget):
         for b in range(3):
             want = ats_keep(list(attention[b]), list(norms[b]), n_ref, budget)
             assert torch.nonzero(keep[b]).flatten().tolist() == want
+
+
+def _near_equal_low_scores(tokens: int, seed: int):
+    """One image's q, k, v [1, 1, N, 2] whose class token attends to a few tokens and hardly at all to the rest
+    (logits about -30, far below log(eps/N)): a plain softmax orders those by exp(logit), the reference's
+    softmax_with_policy by their value norms (each probability about eps/N), and the two orders are reversed."""
+    rng = np.random.default_rng(seed)
+    q = np.zeros((tokens, 2))
+    q[0] = [1.0, 0.0]
+    k = np.zeros((tokens, 2))
+    k[1:4, 0] = rng.uniform(2.0, 3.0, 3)  # three tokens it attends to
+    k[4:, 0] = -30.0 + np.arange(tokens - 4) * 0.5  # the rest: increasing, tiny attention
+    v = np.ones((tokens, 2))
+    v[4:, 1] = np.linspace(3.0, 1.0, tokens - 4)  # value norms decreasing where the attention increases
+    return [torch.from_numpy(t)[None, None] for t in (q, k, v)]
+
+
+def test_step_samples_with_the_reference_policy_softmax():
+    """The sampling step (scores from the block's own q, k, v) keeps what the reference keeps on scores from
+    softmax_with_policy, which here differs from what a plain softmax would keep; an image inside a padded
+    batch keeps what it keeps alone (N is the image's own count)."""
+    method = ATS([0], 1.0, 1, 17)
+    images = [_near_equal_low_scores(17, 0), _near_equal_low_scores(13, 1)]
+    q, k, v = (torch.zeros(2, 1, 17, 2, dtype=torch.float64) for _ in range(3))
+    size = torch.zeros(2, 17, 1, dtype=torch.float64)
+    for b, (qi, ki, vi) in enumerate(images):
+        n = qi.shape[2]
+        q[b, :, :n], k[b, :, :n], v[b, :, :n], size[b, :n] = qi[0], ki[0], vi[0], 1.0
+    x = torch.arange(17, dtype=torch.float64).repeat(2, 1)[..., None] * size  # each row holds its position
+    pruned, pruned_size = method.reduce(1, {"q": q, "k": k, "v": v, "scale": 1.0}, x, size, 1, True)
+    for b, (qi, ki, vi) in enumerate(images):
+        lists = [t[0].tolist() for t in (qi, ki, vi)]
+        want = ats_keep(*ats_scores(*lists, 1.0), 17, 1.0)
+        plain = ats_keep(*ats_scores(*lists, 1.0, eps=0.0), 17, 1.0)
+        assert want != plain, "a plain softmax should keep other tokens here"
+        kept = int((pruned_size[b, :, 0] > 0).sum())
+        assert pruned[b, :kept, 0].tolist() == want
 
 
 EVERY_BLOCK = [1, 2, 3, 4, 5]  # the reference's config scaled to 6 blocks: the most sampling, the hardest case
@@ -59,6 +96,51 @@ def test_a_padded_batch_equals_its_images_one_by_one(budget, digits):
         alone = torch.cat([vit.module(x[i:i + 1]) for i in range(len(x))])
     assert len(set(kept.tolist())) > 1, "the kept count should vary across these images"
     assert (batched - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.6])
+def test_patched_model_equals_the_reference_forward(budget, digits):
+    """The patched model (float64, a padded batch) equals the reference's forward run image by image as loops
+    (tests/reference_ats.py): softmax_with_policy in every block's attention, sampling in the ATS blocks."""
+    vit = load_vit("edgetok_digits_vit")
+    vit.module.double()
+    reduce_vit(vit, make_method("ats", vit.depth, ats_blocks=EVERY_BLOCK, ats_budget=budget, tokens=vit.num_tokens))
+    x = torch.from_numpy(digits[:10]).double()
+    with torch.no_grad():
+        got = vit.module(x)
+    want, counts = ats_forward(load_vit("edgetok_digits_vit").module.double(), x, EVERY_BLOCK, budget, vit.num_tokens)
+    assert len({tuple(c) for c in counts}) > 1, "the kept counts should vary across these images"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+def test_hugging_face_vit_attends_with_the_policy_softmax():
+    """A Hugging Face ViT's blocks attend with softmax_with_policy too (recomputed here from the block's own
+    projections), and a padded batch equals its images one by one."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from edgetok.vit.loading import from_hf
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=64, num_labels=5, initializer_range=0.3)  # peaky attention
+    vit = from_hf(ViTForImageClassification(config).double(), "hf")
+    reduce_vit(vit, make_method("ats", vit.depth, ats_blocks=[1, 2], tokens=vit.num_tokens))
+    attention = vit.blocks[0].attention
+    x = torch.randn(2, vit.num_tokens, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = attention(x)[0]
+        q, k, v = (p(x).view(2, -1, 4, 8).transpose(1, 2) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+        logits = (q @ k.transpose(-2, -1)) * 8 ** -0.5
+        e = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        probs = (e + 1e-6 / vit.num_tokens) / (e.sum(dim=-1, keepdim=True) + 1e-6)
+        want = attention.o_proj((probs @ v).transpose(1, 2).reshape(2, -1, 32))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+        batched = vit.module(images)
+        kept = (vit.blocks[0]._edgetok_state.size[..., 0] > 0).sum(dim=1)
+        alone = torch.cat([vit.module(images[i:i + 1]) for i in range(4)])
+    assert len(set(kept.tolist())) > 1, "the kept count should vary across these images"
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
 
 
 def test_export_equals_pytorch_on_real_images(tmp_path, digits):
@@ -196,7 +278,8 @@ def test_few_candidates_sample_alike_alone_and_padded():
 
 def test_scores_come_from_the_blocks_own_attention_and_values(monkeypatch):
     """The class attention and value norms ATS scores with are the block's own, recomputed here from its
-    weights by hand (a wrong tap, e.g. keys for values, would change them)."""
+    weights by hand with the reference's softmax_with_policy (a wrong tap, e.g. keys for values, would change
+    them)."""
     vit = _digits_ats()
     seen, inputs = {}, {}
     keep = ATS.keep
@@ -214,7 +297,9 @@ def test_scores_come_from_the_blocks_own_attention_and_values(monkeypatch):
         qkv = torch.nn.functional.linear(block.norm1(inputs["x"]), attn.qkv.weight, attn.qkv.bias)
         heads, dim = attn.num_heads, attn.head_dim
         q, k, v = qkv.view(2, -1, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        probs = ((q @ k.transpose(-2, -1)) * dim ** -0.5).softmax(dim=-1)  # no padding yet: sizes all 1
+        logits = (q @ k.transpose(-2, -1)) * dim ** -0.5  # no padding yet: sizes all 1
+        e = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        probs = (e + 1e-6 / e.shape[-1]) / (e.sum(dim=-1, keepdim=True) + 1e-6)  # softmax_with_policy
         want_attention = probs[:, :, 0, :].sum(dim=1)
         want_norm = v.transpose(1, 2).reshape(2, -1, heads * dim).norm(dim=-1)
     got_attention, got_norm = seen["args"]

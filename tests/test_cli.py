@@ -26,6 +26,7 @@ def files_written(root: Path):
 TINY = "deit_tiny_patch16_224"
 
 
+@pytest.mark.slow
 def test_export_vit_writes_onnx_and_sidecar(capsys, in_tmp):
     code, out, err = run_cli(capsys, "export", "vit", TINY, "--method", "evit", "--keep-rate", "0.7",
                              "--img-size", "96", "-o", "m/evit.onnx")
@@ -41,6 +42,7 @@ def test_export_vit_writes_onnx_and_sidecar(capsys, in_tmp):
     assert side["flops"]["speedup_bound"] > 1.0 and side["onnx"]["opset"] == 17
 
 
+@pytest.mark.slow
 def test_export_with_checkpoint_records_weights(capsys, in_tmp):
     torch.manual_seed(0)
     model = timm.create_model(TINY, pretrained=False)
@@ -190,6 +192,7 @@ def _scatter_merge(t, x, size, weight):
     return out / w, w
 
 
+@pytest.mark.slow
 def test_graph_trt_rejects_is_refused_unless_allowed(capsys, in_tmp, monkeypatch):
     monkeypatch.setattr("edgetok.vit.patch.apply_transform", _scatter_merge)
     args = ["export", "vit", TINY, "--img-size", "64", "--method", "tome", "--r", "4", "-o", "s.onnx"]
@@ -209,6 +212,7 @@ def test_recipe_with_unknown_key(capsys, in_tmp):
     assert_one_line_error(code, err, "export.ratio")
 
 
+@pytest.mark.slow
 def test_default_export_through_the_console_script(in_tmp):
     """The README's main job: `edgetok export` with no arguments, as a real process."""
     exe = Path(sys.executable).with_name("edgetok")
@@ -230,3 +234,247 @@ def test_pair_summary_counts_layers_in_english():
     text = summary({"path": "p", "target": entry(6), "draft": entry(1), "tokenizer": None, "vocab_size": 9,
                     "max_length": 16})
     assert "(llama, 6 layers," in text and "(llama, 1 layer," in text
+
+
+# What a new user hits on a fresh clone ------------------------------------------------------------------
+
+REFUSE_IN_A_CHILD = """
+import sys
+import edgetok.cli
+edgetok.cli._gpu_problem = lambda: "no NVIDIA driver here (libcuda.so.1 is not found)"  # as on a GPU-less machine
+code = edgetok.cli.main(sys.argv[1:])
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+sys.exit(code)
+"""
+
+EARLY_REFUSALS = {
+    "keep_rate": (["export", "vit", TINY, "--method", "evit", "--keep-rate", "1.5"], ["--keep-rate 1.5", "(0, 1]"]),
+    "batch": (["export", "vit", TINY, "--batch", "65"], ["--batch 65", "1..64"]),
+    "gtp_sparsity": (["export", "vit", TINY, "--method", "gtp", "--propagate", "4", "--sparsity", "1.5"],
+                     ["--sparsity 1.5", "(0, 1]"]),
+    "checkpoint": (["export", "vit", TINY, "--checkpoint", "nope.pth"], ["--checkpoint nope.pth does not exist"]),
+    "export_recipe": (["export", "--recipe", "nope"], ["'nope' is not a built-in recipe"]),
+    "build_recipe": (["build-engine", "--recipe", "nope"], ["'nope' is not a built-in recipe"]),
+    "profile_recipe": (["profile", "--recipe", "nope"], ["'nope' is not a built-in recipe"]),
+    "dtome_recipe_calibration": (["export", "--recipe", "digits_dtome"],
+                                 ["export --calibrate edgetok-out/digits-train", "does not exist",
+                                  "`edgetok data digits --split train`"]),
+    "dtome_calibration_elsewhere": (["export", "vit", "edgetok_digits_vit", "--method", "dtome", "--r", "8",
+                                     "--calibrate", "cal/digits-train"],
+                                    ["`edgetok data digits --split train -o cal/digits-train`"]),
+    "quantize_recipe_calibration": (["build-engine", "--recipe", "digits_tome_int8"],
+                                    ["quantize --calibrate edgetok-out/digits-train", "--split train"]),
+    "quantize_missing_model": (["quantize", "missing.onnx", "--calibrate", "cal"], ["missing.onnx does not exist"]),
+    "eval_checkpoint": (["eval", TINY, "--data", "cal", "--checkpoint", "nope.pth"], ["--checkpoint nope.pth"]),
+    "compare_checkpoint": (["compare", TINY, "--data", "cal", "--checkpoint", "nope.pth"], ["--checkpoint nope.pth"]),
+    "torch_on_cuda_without_driver": (["profile", TINY, "--backend", "torch", "--device", "cuda"],
+                                     ["--device cuda: no NVIDIA driver here", "--device cpu"]),
+    "cuda_graphs_on_cpu": (["profile", TINY, "--backend", "torch", "--cuda-graphs"], ["--cuda-graphs", "--device cpu"]),
+    "cuda_graphs_in_onnxruntime": (["profile", "m.onnx", "--device", "cuda", "--cuda-graphs"],
+                                   ["--cuda-graphs", "ONNX Runtime"]),
+    "pair_fp16": (["build-engine", "pair", "--precision", "fp16"], ["--precision fp16", "fp32 engines only"]),
+}
+
+
+@pytest.mark.parametrize("case", EARLY_REFUSALS, ids=list(EARLY_REFUSALS))
+def test_model_free_refusals_come_before_torch_and_any_model(in_tmp, case):
+    """Bad options and paths are refused before torch is imported (so before any model can load): one line,
+    in a second rather than the 12-20 s of loading one. Run as a real process, whose modules are its own."""
+    args, needles = EARLY_REFUSALS[case]
+    Path("cal/0").mkdir(parents=True)  # an image folder, so that only the bad value is wrong
+    Path("pair").mkdir()
+    Path("pair/edgetok_pair.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-c", REFUSE_IN_A_CHILD, *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert_one_line_error(proc.returncode, proc.stderr, *needles)
+    assert proc.stdout.strip().splitlines()[-1] == "torch not imported", proc.stdout
+    assert not Path("edgetok-out").exists()
+
+
+def test_early_export_checks_use_the_exporters_limits():
+    from edgetok.cli import MAX_EXPORT_BATCH
+    from edgetok.vit.export import MAX_EXPORT_BATCH as exporter
+
+    assert MAX_EXPORT_BATCH == exporter
+
+
+def test_gpu_probe_asks_the_driver(monkeypatch):
+    """No driver library, a driver that fails to initialise, one that sees no GPU, and one that sees a GPU."""
+    import ctypes
+
+    from edgetok.cli import _gpu_problem
+
+    class Driver:
+        def __init__(self, init, count):
+            self.init, self.count = init, count
+
+        def cuInit(self, flags):
+            return self.init
+
+        def cuDeviceGetCount(self, ref):
+            ref._obj.value = self.count
+            return 0
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert _gpu_problem() == "no NVIDIA driver here (libcuda.so.1 is not found)"
+    for driver, expected in [(Driver(100, 0), "the NVIDIA driver sees no GPU (CUDA error 100)"),
+                             (Driver(0, 0), "the NVIDIA driver sees no GPU"), (Driver(0, 1), None)]:
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, d=driver: d)
+        assert _gpu_problem() == expected
+
+
+@pytest.fixture(scope="module")
+def target_alone(tmp_path_factory):
+    """A tiny random Llama exported with --draft none (target and tree variant only)."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    from edgetok.llm.pair import export_pair
+
+    root = tmp_path_factory.mktemp("alone")
+    LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(root / "t")
+    shipped = Path(__file__).parents[1] / "edgetok" / "assets" / "spec_pair" / "target"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shipped / name, root / "t" / name)
+    export_pair(str(root / "t"), "none", str(root / "alone"))
+    return root / "alone"
+
+
+@pytest.mark.slow
+def test_generate_defaults_to_lookahead_without_a_draft(capsys, target_alone):
+    args = ["generate", str(target_alone), "--prompt-ids", "5,17,3,5,17", "--max-new-tokens", "12", "--json"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "--mode lookahead: " in err and "has no draft model" in err
+    chosen = json.loads(out)
+    code, out, err = run_cli(capsys, *args, "--mode", "target")
+    assert code == 0, err
+    assert chosen["mode"] == "lookahead" and chosen["tokens"] == json.loads(out)["tokens"]  # lossless, as always
+
+
+@pytest.mark.slow
+def test_fp16_conversion_refusal_is_whole_and_names_the_users_file(target_alone):
+    """The decoders' fp16 conversion is a graph ONNX Runtime will not load: the refusal names the user's ONNX
+    and ONNX Runtime's whole complaint, not the staging folder the converted file was in."""
+    pytest.importorskip("tensorrt_rtx")
+    from edgetok.engine.build import build_engine
+    from edgetok.engine.options import BuildOptions
+    from edgetok.errors import EdgetokError
+    from edgetok.llm.engines import decoder_shapes
+    from edgetok.llm.pair import read_manifest
+
+    manifest = read_manifest(str(target_alone))
+    onnx_path = str(target_alone / "target" / "model.onnx")
+    opts = BuildOptions(onnx=onnx_path, backend="tensorrt-rtx", precision="fp16", output="e/t.engine",
+                        shapes=decoder_shapes(manifest["target"], manifest["max_length"], 2, (1, 1, 1)))
+    with pytest.raises(EdgetokError) as caught:
+        build_engine(opts)
+    message = str(caught.value)
+    assert message.startswith(f"the fp16 conversion of {onnx_path} is a graph ONNX Runtime will not load (")
+    assert message.endswith("); build it with --precision fp32") and "\n" not in message
+    assert ".tmp" not in message and "/work/" not in message and "Load model from" not in message
+    assert "does not match expected type" in message  # ONNX Runtime's sentence, to its end
+    assert not Path("e").exists()
+
+
+def _relu_onnx(path: Path, quantized: str | None) -> Path:
+    """One Relu on a [batch, 4] input, with a sidecar that says what quantize made of it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path.with_suffix(".edgetok.json").write_text(json.dumps({"quantization": {"mode": quantized}} if quantized else {}))
+    return path
+
+
+@pytest.mark.parametrize("quantized, precision, name", [
+    (None, "fp32", "m.tensorrt-rtx.fp32.engine"), ("int8", "fp32", "m.tensorrt-rtx.int8.engine"),
+    ("fp8", "fp32", "m.tensorrt-rtx.fp8.engine"), ("int8", "fp16", "m.tensorrt-rtx.int8+fp16.engine")])
+def test_engine_name_says_the_quantization(capsys, in_tmp, monkeypatch, quantized, precision, name):
+    """A Q/DQ model's engine is named by its mode (as profile labels it), not .fp32.engine."""
+    pytest.importorskip("tensorrt_rtx")
+    from edgetok.errors import EdgetokError
+
+    def stop(request, workdir, say):  # where the builder would write: enough, no build needed
+        raise EdgetokError(f"would build {Path(request['engine']).name}")
+
+    monkeypatch.setattr("edgetok.engine.build._run_worker", stop)
+    monkeypatch.setattr("edgetok.onnx.fp16.compare_precisions", lambda *a: {"cosine": 1.0, "max_abs_diff": 0.0})
+    _relu_onnx(in_tmp / "m.onnx", quantized)
+    code, out, err = run_cli(capsys, "build-engine", "m.onnx", "--backend", "tensorrt-rtx", "--batch", "1",
+                             "--precision", precision)
+    assert_one_line_error(code, err, f"would build {name}")
+
+
+def test_build_summary_lists_targets_as_text():
+    from edgetok.engine.build import summary
+
+    report = {"path": "m.engine", "engine": {"bytes": 2e6}, "backend": {"name": "tensorrt-rtx", "version": "1.7"},
+              "precision": "fp32", "strongly_typed": True, "build_seconds": 1.0, "network_layers": {"count": 3},
+              "profiles": [[{"name": "x", "min": [1, 4], "opt": [1, 4], "max": [1, 4]}]], "fp16_conversion": None,
+              "engine_layers": [], "targets": ["sm86", "sm89"]}
+    assert "  targets    sm86, sm89" in summary(report).splitlines()
+    report["targets"] = "default (SM 8.0, 8.6, 8.9, 12.0)"
+    assert "  targets    default (SM 8.0, 8.6, 8.9, 12.0)" in summary(report).splitlines()
+
+
+def test_plugin_cubins_from_the_cache_are_not_announced_as_compiled(monkeypatch, tmp_path):
+    from edgetok.engine import build
+    from edgetok.plugins import cubins
+
+    said, compiled = [], []
+    monkeypatch.setattr(cubins, "write_bundle", lambda path, archs, say: compiled.append(list(archs)))
+    monkeypatch.setattr(cubins, "cached_archs", lambda: ["sm87", "sm89"])
+    build._stage_bundle({"archs": ["sm87", "sm89"]}, tmp_path / "m.onnx", tmp_path / "b.cubins.zip", said.append)
+    assert said == ["plugin cubins for sm87, sm89 from the cache"]
+    said.clear()
+    build._stage_bundle({"archs": ["sm87", "sm110"]}, tmp_path / "m.onnx", tmp_path / "b.cubins.zip", said.append)
+    assert said == ["compiling the plugin kernels for sm110 (sm87 from the cache)"]
+    assert compiled == [["sm87", "sm89"], ["sm87", "sm110"]]  # the bundle is written either way
+
+
+def test_plugins_build_without_output_says_no_bundle_was_written(capsys, monkeypatch, tmp_path):
+    from edgetok.plugins import cubins
+
+    manifest = {"triton": "3", "format": 1, "ptx_version": "8.7", "kernels": {},
+                "archs": {"sm87": {"target": "cuda:87", "ptx_version": "8.7"}}}
+    (tmp_path / cubins.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(cubins, "build", lambda archs, say: tmp_path)
+    code, out, err = run_cli(capsys, "plugins", "build", "--arch", "sm87")
+    assert code == 0, err
+    assert f"cubins in the cache {tmp_path}; no bundle written: -o NAME.cubins.zip writes one" in err
+
+
+def test_plugins_check_summary_has_aligned_columns_in_english():
+    from edgetok.plugins.check import KernelResult, summary
+
+    results = [KernelResult("TokenPrune", "prune_scan", "B=1", 1e-7, False, True),
+               KernelResult("TokenPrune", "prune_count", "B=1", 1.0, True, False),
+               KernelResult("TokenPrune", "prune_count", "B=2", 0.0, True, True),
+               KernelResult("TokenPrune", "prune_gather", "B=2", 0.0, True, True)]
+    rows = [line for line in summary(results).splitlines() if line.startswith("  prune_")]
+    assert [r.split()[0] for r in rows] == ["prune_scan", "prune_count", "prune_gather"]
+    assert "1 mismatched index " in rows[1] and "over 2 runs" in rows[1] and "over 1 run " in rows[0]
+
+    def measure_column(row):
+        after = row[2 + len(row.split()[0]):]
+        return len(row) - len(after.lstrip())
+
+    # every column starts at the same place in every row
+    assert len({measure_column(r) for r in rows}) == 1
+    assert len({r.index(" over ") for r in rows}) == 1 and len({r.index("(worst") for r in rows}) == 1
+
+
+def test_recipe_file_is_named_once(capsys, in_tmp):
+    Path("r.yaml").write_text("export:\n  model: deit_tiny_patch16_224\n  keep_rate: 3\n  method: evit\n")
+    code, out, err = run_cli(capsys, "export", "--recipe", "r.yaml")
+    assert_one_line_error(code, err, "recipe r.yaml: export --keep-rate 3 is out of range")
+    assert err.splitlines()[0] == "· recipe r.yaml"

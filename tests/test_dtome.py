@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from reference_impl import dtome_forward, dtome_merge
+from reference_impl import attention, dtome_forward, dtome_merge, embedded
 
 from edgetok.errors import EdgetokError
 from edgetok.vit import digits
@@ -119,6 +119,38 @@ def test_step_equals_loop_reference(prefix, cap):
         assert max(merged) <= cap
 
 
+@pytest.mark.parametrize("cap", [None, 0])
+def test_an_image_that_merges_nothing_keeps_its_order(cap):
+    """In a padded batch where the others merge, an image none of whose pairs exceeds the threshold keeps its
+    tokens in place (DyMU's per-image step returns do_nothing), in both forms of the step (token transform,
+    and the export form with TokenPrune). With a cap of 0 nothing merges anywhere, but the images with a pair
+    above the threshold are still re-laid out as prefix, A, B, as DyMU's step is (it caps after that test)."""
+    counts = [23, 19, 16]
+    x, k, size = padded_inputs(counts, 1, seed=3)
+    k[1, :, 0::2] = torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64)  # image 1: A tokens along one axis,
+    k[1, :, 1::2] = torch.tensor([0, 1.0, 0, 0, 0, 0], dtype=torch.float64)  # B along another: similarity 0
+    k[1, :, 1:, 2] += 0.01 * torch.arange(1, k.shape[2], dtype=torch.float64)  # (distinct, still far below)
+    threshold = 0.6
+    method = DToMe([0], thresholds=[threshold], cap=cap)
+    t, _ = method.transform(1, None, k, None, 1, True, size=size)
+    out, out_size = apply_transform(t, x, size, size)
+    export_form = DToMe([0], thresholds=[threshold], cap=cap)
+    pruned, pruned_size = export_form.reduce(1, {"q": None, "k": k}, x, size, 1, True)
+    merged = []
+    for i, c in enumerate(counts):
+        stats = {}
+        rows, sizes, n_merged = dtome_merge(x[i, :c], size[i, :c, 0].tolist(), k[i, :, :c], threshold, 1, cap, stats)
+        assert stats["min_gap"] > MIN_GAP
+        for got, got_size in ((out, out_size), (pruned, pruned_size)):
+            torch.testing.assert_close(got[i, :rows.shape[0]], rows, rtol=0, atol=1e-12)
+            assert got_size[i, :rows.shape[0], 0].tolist() == sizes
+        merged.append(n_merged)
+    torch.testing.assert_close(out[1, :counts[1]], x[1, :counts[1]], rtol=0, atol=1e-12)  # image 1 in place
+    assert merged[1] == 0 and (cap == 0 or min(merged[0], merged[2]) > 0), merged
+    if cap == 0:
+        assert not torch.allclose(out[0, :counts[0]], x[0, :counts[0]])  # image 0: nothing merged, re-laid out
+
+
 def test_cap_keeps_the_best_matches():
     counts = [25, 25, 21]
     x, k, size = padded_inputs(counts, 1, seed=7)
@@ -187,10 +219,13 @@ def test_calibration_hits_the_target_mean_r(tmp_path):
     mean = measured["mean_merges_per_layer"]
     assert all(abs(m - r) <= 0.2 * r for m in mean), mean
     assert abs(sum(mean) / len(mean) - r) <= 0.1 * r, mean
-    # One batch holding every image: its thresholds merge exactly r per image on average in every block.
+    # One batch holding every image: its thresholds merge exactly r per image on average in the first block.
+    # Not in later ones: an image that merges nothing keeps its token order when run (DyMU's per-image path)
+    # but is re-laid out while calibrating (its batched path), so the next blocks split A/B differently.
     exact = make_dtome(vit.depth, r=r)
     calibrate(from_timm(deit(dtype=torch.float32), "deit"), exact, str(tmp_path / "data"), batch=32)
-    assert exact.calibration["measured"]["mean_merges_per_layer"] == [float(r)] * vit.depth
+    exact_mean = exact.calibration["measured"]["mean_merges_per_layer"]
+    assert exact_mean[0] == float(r) and all(abs(m - r) <= 0.2 * r for m in exact_mean), exact_mean
     # The plan holds the upper bound; the expected mean comes from the measurement.
     result = plan(vit, method)
     assert [a == b for a, b in result.tokens] == [True] * vit.depth and not result.reduces
@@ -231,6 +266,58 @@ def test_patched_deit_equals_loop_reference_and_padding_equals_one_by_one():
     with torch.no_grad():
         alone = torch.cat([vit.module(x[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def _thresholds_where_one_image_merges_nothing(model, x, later: float):
+    """Block 0's threshold between the images' largest best-match similarities there (the image with the
+    smallest merges nothing, the others merge), ``later`` for the other blocks; and that image."""
+    largest = []
+    for image in x:
+        tokens = embedded(model, image)
+        _, _, k = attention(model.blocks[0], tokens, [1.0] * tokens.shape[0], proportional=True)
+        metric = k.mean(dim=0)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        largest.append(float((metric[2::2] @ metric[1::2].T).max()))  # A tokens but the class token, B tokens
+    ranked = sorted(largest)
+    return [(ranked[0] + ranked[1]) / 2] + [later] * (len(model.blocks) - 1), largest.index(ranked[0])
+
+
+def test_patched_deit_where_an_image_merges_nothing_equals_loop_reference(tmp_path):
+    """An image that merges nothing in block 0 (while the others of its batch do) and merges in block 1: the
+    padded batch equals the loop reference (its tokens stay in place, so block 1 splits A/B on the original
+    order), equals the images one by one, and its ONNX export (float32) equals PyTorch in ONNX Runtime."""
+    model = deit(seed=2)
+    x = images(5, seed=8)
+    thresholds, still = _thresholds_where_one_image_merges_nothing(model, x, later=0.35)
+    vit = from_timm(copy.deepcopy(model), "deit")
+    method = DToMe([0] * vit.depth, thresholds=thresholds)
+    reduce_vit(vit, method)
+    with torch.no_grad():
+        batched = vit.module(x)
+        per_image = torch.stack(list(method.tokens.values()), dim=1).tolist()
+        alone = torch.cat([vit.module(x[i : i + 1]) for i in range(len(x))])
+    reference, counts, stats = dtome_forward(model, x, thresholds)
+    assert stats["min_gap"] > MIN_GAP
+    tokens = vit.num_tokens
+    assert counts[still][0] == tokens and counts[still][1] < tokens, counts  # in place in block 0, merges in 1
+    assert all(c[0] < tokens for i, c in enumerate(counts) if i != still), counts
+    assert counts == per_image
+    torch.testing.assert_close(batched, reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
+
+    from edgetok.onnx.export import export_module
+    from edgetok.onnx.validate import ort_session
+
+    single = from_timm(copy.deepcopy(model).float(), "deit")
+    reduce_vit(single, DToMe([0] * vit.depth, thresholds=thresholds))
+    with torch.no_grad():
+        want = single.module(x.float()).numpy()
+    torch.testing.assert_close(torch.from_numpy(want), reference.float(), rtol=0, atol=1e-4)
+    path = tmp_path / "d.onnx"
+    export_module(single.module, x[:2].float(), path, "pixel_values", ["logits"])
+    got = ort_session(str(path)).run(None, {"pixel_values": x.float().numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4
 
 
 def test_patched_deit_with_cap_equals_loop_reference():

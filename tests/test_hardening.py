@@ -40,6 +40,7 @@ def _marker_library(folder: Path, hold: bool = False) -> tuple[Path, Path]:
 # 1. Recipes ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_builtin_recipe_name_is_not_shadowed_by_a_file_in_the_working_folder(capsys, in_tmp):
     Path("default").write_text("export:\n  model: deit_tiny_patch16_224\n  output: shadow.onnx\n")
     code, out, err = run_cli(capsys, "export", "--recipe", "default")
@@ -54,6 +55,7 @@ def test_builtin_recipe_name_is_not_shadowed_by_a_file_in_the_working_folder(cap
     assert_one_line_error(code, err, "'mine' is not a built-in recipe", "write ./mine")
 
 
+@pytest.mark.slow
 def test_recipe_plugins_load_only_when_allowed(capsys, in_tmp):
     lib, marker = _marker_library(in_tmp)
     Path("r.yaml").write_text(
@@ -80,6 +82,7 @@ def _remote_code_folder(folder: Path, model_type: str, marker: Path, extra: dict
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["export", "vit", "{m}"], ["export", "spec-pair", "--target", "{m}", "--draft",
                                                                    "layer-skip:1", "-o", "pair"]])
 def test_folder_with_its_own_code_is_refused_without_a_prompt(in_tmp, command):
@@ -182,6 +185,7 @@ def digits_data(tmp_path_factory):
     return str(digits.write_heldout_folder(tmp_path_factory.mktemp("d") / "heldout")["path"])
 
 
+@pytest.mark.slow
 def test_eval_does_not_record_accuracy_for_a_model_replaced_meanwhile(tmp_path, digits_data):
     from edgetok.vit import digits
     from edgetok.vit.evaluate import EvalOptions, evaluate
@@ -225,9 +229,9 @@ marker = pathlib.Path(sys.argv[1])
 def hold(*args, **kwargs):  # a slow exporter, caught mid-way deterministically
     marker.write_text("held")
     time.sleep(600)
-import edgetok.llm.pair, edgetok.vit.export
+import edgetok.llm.decoder, edgetok.vit.export
 edgetok.vit.export.export_module = hold
-edgetok.llm.pair.export_decoder = hold
+edgetok.llm.decoder.export_decoder = hold  # edgetok.llm.pair imports it when it exports
 from edgetok.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -267,6 +271,7 @@ def _leftovers(root: Path) -> list[str]:
 EXPORT = ["export", "vit", "deit_tiny_patch16_224", "--img-size", "32", "-o", "new/sub/m.onnx"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     proc = _held(tmp_path, EXPORT)
     assert _leftovers(tmp_path)  # the staging folder exists while it works
@@ -276,6 +281,7 @@ def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     assert "Traceback" not in err and not (tmp_path / "new").exists()  # nor the folders made for the run
 
 
+@pytest.mark.slow
 def test_sigkill_leftovers_are_removed_by_the_next_write_there(capsys, tmp_path, monkeypatch):
     proc = _held(tmp_path, EXPORT)
     proc.kill()
@@ -302,6 +308,7 @@ def test_a_live_writers_staging_folder_is_kept(tmp_path):
         assert mine.is_dir() and theirs.is_dir() and not gone.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_during_spec_pair_export_leaves_nothing(tmp_path):
     LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=2).save_pretrained(tmp_path / "t")

@@ -1,6 +1,8 @@
-"""PiToMe: the patched model equals a loop-by-loop reading of the paper and its released code
-(tests/reference_impl.py), prefix tokens of every kind protected; --keep-rate plans r per block; zero
-reduction is the model; ONNX Runtime parity on real digits; a TensorRT-RTX build; bad options in one line."""
+"""PiToMe: the patched model equals a loop-by-loop reading of the authors' released code (tests/reference_impl.py)
+in both configurations: ``reference`` (their current DeiT patch: pitome_bsm in the first ceil(L/2) blocks, margins
+0.75 - 0.75*l/L, no proportional attention; the default) and ``protected`` (edgetok's first configuration), prefix
+tokens of every kind protected; --keep-rate plans r per block; zero reduction is the model; ONNX Runtime parity on
+real digits; a TensorRT-RTX build; bad options in one line."""
 
 import copy
 import math
@@ -9,25 +11,24 @@ import pytest
 import torch
 from cli_assertions import assert_one_line_error, run_cli
 from method_checks import assert_deit_export_builds, assert_export_matches_pytorch, assert_zero_reduction_is_the_model
-from reference_impl import reference_forward
+from reference_impl import pitome_forward
 from test_reference import ATOL, CONFIGS, MIN_GAP, build
 
 from edgetok.vit.loading import from_timm
-from edgetok.vit.pitome import margins
 from edgetok.vit.reduction import make_method, reduce_vit
 
 
-def _compare(config, **kw):
+def _compare(config, variant=None, **kw):
     model = build(config)
     ref_model = copy.deepcopy(model)
     vit = from_timm(model, config)
-    plan = reduce_vit(vit, make_method("pitome", vit.depth, **kw))
+    plan = reduce_vit(vit, make_method("pitome", vit.depth, pitome_variant=variant, **kw))
     images = torch.randn(3, 3, vit.img_size, vit.img_size, generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64)
     with torch.no_grad():
         out = vit.module(images)
     r_list = plan.params["r_per_layer"]
-    ref, counts, stats = reference_forward(ref_model, images, "pitome", r_per_layer=r_list, margins=margins(vit.depth))
+    ref, counts, stats = pitome_forward(ref_model, images, r_list, variant or "reference")
     assert stats.get("min_gap", math.inf) > MIN_GAP, f"near-tie in the reference's choices: {stats}"
     assert counts == [after for _, after in plan.tokens]
     assert (out - ref).abs().max().item() < ATOL
@@ -35,8 +36,22 @@ def _compare(config, **kw):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_matches_the_loop_reference(config):
+def test_default_matches_the_authors_deit_patch(config):
+    """pitome_bsm in blocks 0..ceil(L/2)-1 and pitome after, both with merges (r=2 in every block)."""
     assert sum(_compare(config, r=2)) > 0
+
+
+@pytest.mark.parametrize("config", ["vit17", "distilled", "registers_no_cls"])
+def test_protected_variant_matches_its_loop_reading(config):
+    assert sum(_compare(config, "protected", r=2)) > 0
+
+
+def test_bsm_blocks_can_merge_every_a_token():
+    """pitome_bsm pairs all T tokens, so an odd T merges up to ceil(T/2) (the A set); pitome at most floor(T/2)."""
+    method = make_method("pitome", 4, r_schedule="9,4")
+    assert method.plan_layer(0, 18, 1) == (9, 9)  # 17 candidates: A holds 9
+    with pytest.raises(Exception, match="r can be at most 8"):
+        make_method("pitome", 4, r_schedule="0,0,9").plan_layer(2, 18, 1)  # a pitome block
 
 
 def test_keep_rate_plans_r_from_the_tokens_left():
@@ -60,6 +75,40 @@ def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
     assert_export_matches_pytorch(digits_export, tmp_path / "h", "pitome", r=6)
     red = digits_export["reduction"]
     assert red["method"] == "pitome" and red["r_per_layer"] == [6] * 6 and len(red["margins"]) == 6
+    assert (red["variant"], red["bsm_blocks"], red["proportional_attention"]) == ("reference", 3, False)
+    assert digits_export["request"]["pitome_variant"] == "reference"
+
+
+def test_the_pytorch_runner_rebuilds_the_variant_from_the_sidecar(digits_export, tmp_path):
+    """profile --backend torch re-creates the recorded variant; a sidecar from before the option (no variant) was
+    exported as ``protected``."""
+    import json
+    import shutil
+
+    from edgetok import sidecar
+    from edgetok.runtime.runners import TorchRunner
+
+    assert TorchRunner(digits_export["path"], "cpu", 2, False).module.blocks[0]._edgetok_state.method.variant == \
+        "reference"
+    old = tmp_path / "old.onnx"
+    shutil.copy(digits_export["path"], old)
+    side = json.loads(sidecar.sidecar_path(digits_export["path"]).read_text())
+    del side["reduction"]["variant"]
+    sidecar.sidecar_path(old).write_text(json.dumps(side))
+    assert TorchRunner(str(old), "cpu", 2, False).module.blocks[0]._edgetok_state.method.variant == "protected"
+
+
+def test_the_variant_travels_through_a_recipe(tmp_path):
+    """A recipe's export.pitome_variant reaches the method (and its sidecar params)."""
+    from edgetok import recipe
+    from edgetok.vit.export import ViTExportOptions
+
+    path = tmp_path / "p.yaml"
+    path.write_text("export:\n  model: edgetok_digits_vit\n  method: pitome\n  r: 2\n  pitome_variant: protected\n")
+    values = recipe.section(recipe.load(str(path), lambda s: None), "export", ViTExportOptions.fields(), str(path))
+    opts = ViTExportOptions(**values)
+    method = make_method(opts.method, 6, r=opts.r, pitome_variant=opts.pitome_variant)
+    assert method.params([2] * 6)["variant"] == "protected" and method.proportional_attention
 
 
 def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
@@ -74,12 +123,19 @@ def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     (["--r-schedule", "1,2,3,4,5,6,7"], "7 entries"),
     (["--r", "4", "--keep-layers", "2"], "--keep-layers is an EViT option"),
     (["--r", "4", "--ats-blocks", "2"], "--ats-blocks/--ats-budget are ATS options"),
+    (["--r", "4", "--pitome-variant", "early"], "--pitome-variant"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(capsys, tmp_path, args, message):
     code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "pitome", *args,
                            "-o", str(tmp_path / "x.onnx"))
     assert_one_line_error(code, err, message)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_variant_needs_pitome(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "tome", "--r", "2",
+                           "--pitome-variant", "protected", "-o", str(tmp_path / "x.onnx"))
+    assert_one_line_error(code, err, "--pitome-variant is a PiToMe option; it needs --method pitome")
 
 
 def test_constant_r_is_clamped_in_late_blocks_as_tomes():

@@ -7,21 +7,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from edgetok import atomic, hf, sidecar
 from edgetok.errors import EdgetokError
-from edgetok.llm.decoder import (
-    PAST_KEY,
-    PAST_VALUE,
-    PRESENT_KEY,
-    PRESENT_VALUE,
-    CausalLM,
-    check_decoder,
-    export_decoder,
-    layer_skip,
-    load_causal_lm,
-)
+
+if TYPE_CHECKING:
+    from edgetok.llm.decoder import CausalLM
 
 MANIFEST = "edgetok_pair.json"
 TREE_MASK = "bool [batch, 1, sequence, past_sequence + sequence]: True where a token may attend (the cache, itself, " \
@@ -67,6 +59,18 @@ def _special_tokens(tok, config) -> dict:
 
 
 def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = lambda s: None) -> dict:
+    # torch only here: reading a pair (generate, build-engine PAIR) refuses bad input before torch is imported
+    from edgetok.llm.decoder import (
+        PAST_KEY,
+        PAST_VALUE,
+        PRESENT_KEY,
+        PRESENT_VALUE,
+        check_decoder,
+        export_decoder,
+        layer_skip,
+        load_causal_lm,
+    )
+
     out_dir = Path(out)
     say(f"loading target {target}")
     t_lm = load_causal_lm(target)
@@ -153,6 +157,12 @@ def read_manifest(folder: str) -> dict:
             if isinstance(entry.get("tree"), dict):
                 inside(folder, entry["tree"].get("file"), f"{MANIFEST} {key}.tree.file")
     return manifest
+
+
+def default_mode(manifest: dict) -> str:
+    """`generate`'s mode when none is given: speculative with the pair's draft; a target exported alone
+    (``--draft none``) has none, so lookahead, the draft-free mode that proposes the most per call."""
+    return "speculative" if manifest.get("draft") else "lookahead"
 
 
 def inside(folder: str, relative, what: str) -> Path:

@@ -6,7 +6,11 @@ sorted ascending and their CDF min-max normalised; ``n_ref - 1`` evenly spaced t
 non-zero CDF value to 1 each pick the token whose CDF is nearest (the first on ties); repeated picks
 collapse; the best-scoring ``budget - 1`` unique picks are kept with the prefix tokens.
 So the kept count follows the image. Only the kept rows go on to the MLP; padding rows of a batch have
-size 0, so later blocks (proportional attention) and pooling ignore them.
+size 0, so later blocks and pooling ignore them.
+
+Every attention of the model, in every block (the reference's ViT hands a policy to every block, all ones
+before the first sampling), is the reference's ``softmax_with_policy`` (``policy_softmax``), not a plain
+softmax: the class-attention row the scores come from, and the attention output itself.
 
 Every size comes from the tensors (``dynamic_size``), so the same code exports: the sampling as standard
 ops, the prune as one ``edgetok::TokenPrune`` node with a data-dependent token count.
@@ -15,11 +19,71 @@ ops, the prune as one ``edgetok::TokenPrune`` node with a data-dependent token c
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import Attention
+from transformers.models.vit.modeling_vit import ViTAttention
 
 from edgetok.errors import EdgetokError
-from edgetok.vit.dynamic import dynamic_size, key_bias, token_prune
+from edgetok.vit.dynamic import dynamic_size, token_prune
 
 MIN_TOKENS = 8  # the reference never samples fewer
+EPS = 1e-6  # softmax_with_policy's epsilon
+
+
+def policy_softmax(logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The reference's ``softmax_with_policy`` (``transformer_block.py``) over the last dim:
+    p_j = (exp(l_j - max l) + eps/N) / (sum exp(l - max l) + eps), eps = 1e-6, N the image's tokens.
+
+    Not a plain softmax: every probability is floored near eps/N, which orders the near-zero class-attention
+    scores (so it decides which tokens the inverse-CDF sampling keeps among near-equal low scores).
+    ``real`` (bool, broadcastable to ``logits``) marks the image's own keys. With the reference's
+    ``drop_tokens`` (its DeiT-S config) an image alone has no others, so N is the image's own token count;
+    padding keys of our batches get 0, count in neither N nor the max, so an image attends the same in a batch
+    as alone (the reference's batches add eps/N to their policy-0 rows too). Computed in float32 at least,
+    as the reference casts for fp16."""
+    dtype = logits.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    real = real.expand_as(logits)
+    logits = logits.masked_fill(~real, float("-inf"))
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # padding: exp(-inf) = 0
+    n = real.sum(dim=-1, keepdim=True).to(logits.dtype)
+    probs = (shifted + EPS / n) / (shifted.sum(dim=-1, keepdim=True) + EPS)
+    return torch.where(real, probs, torch.zeros_like(probs)).to(dtype)
+
+
+def policy_attention(q, k, v, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax_with_policy(q kᵀ·scale) v over [B, H, N, D]; ``mask`` the block's additive bias (-inf: a padding
+    key), as the reference writes it: (q kᵀ)·scale."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if mask is None:
+        real = torch.ones_like(logits[..., :1, :], dtype=torch.bool)
+    else:
+        real = mask > float("-inf")
+        logits = logits + mask
+    return policy_softmax(logits, real) @ v
+
+
+class PolicyAttention(Attention):
+    """timm's Attention with the reference's softmax_with_policy (its own projections, norms and gate)."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self.attn_drop(policy_attention(q, k, v, float(self.scale), attn_mask))
+        out = self.norm(out.transpose(1, 2).reshape(b, n, -1))
+        return self.proj_drop(self.proj(out if gate is None else out * gate))
+
+
+class PolicyViTAttention(ViTAttention):
+    """Hugging Face ViTAttention with the reference's softmax_with_policy."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = policy_attention(q, k, v, float(self.scaling), attention_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -71,7 +135,7 @@ def sample(score: torch.Tensor, real: torch.Tensor, n_ref: int, budget: torch.Te
 
 class ATS:
     name = "ats"
-    proportional_attention = True  # log(size): 0 for every real token (ATS only prunes), -inf for padding
+    proportional_attention = True  # the block's bias log(size): 0 for every real token (ATS only prunes), -inf for padding
     needs_class_token = True
     data_dependent = True
 
@@ -91,6 +155,16 @@ class ATS:
         return {"ats_blocks": self.blocks, "ats_blocks_from": self.source, "ats_budget": self.budget,
                 "reference_tokens": self.tokens}
 
+    def own_attention(self, blocks) -> None:
+        """Every block attends with softmax_with_policy, as in the reference's ViT (called once, when patched).
+        The attention plugins (``--attention biased|sparse``, ``--plugins``) keep their plain softmax."""
+        for block in blocks:
+            attn = getattr(block, "attn", None) or getattr(block, "attention", None)
+            if type(attn) is Attention:
+                attn.__class__ = PolicyAttention
+            elif type(attn) is ViTAttention:
+                attn.__class__ = PolicyViTAttention
+
     def plan_layer(self, layer: int, tokens: int, prefix: int) -> tuple[int, int]:
         """(1 if the block samples, tokens left at most): the count after it depends on the image."""
         return (1, tokens) if layer in self.blocks else (0, tokens)
@@ -108,8 +182,9 @@ class ATS:
         if amount == 0:
             return x, size
         q, k, v, scale = taps["q"], taps["k"], taps["v"], taps["scale"]
-        logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1) + key_bias(size)  # [B, H, 1, N]
-        cls_attention = logits.softmax(dim=-1).sum(dim=1)[:, 0]  # summed over heads
+        logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale  # [B, H, 1, N], the class token's row
+        real = size[:, None, None, :, 0] > 0  # [B, 1, 1, N]: the image's own tokens, padding aside
+        cls_attention = policy_softmax(logits, real).sum(dim=1)[:, 0]  # summed over heads
         value_norm = v.transpose(1, 2).flatten(2).norm(dim=-1)  # [B, N], over all heads
         keep = self.keep(cls_attention, value_norm, size, prefix)
         pruned, pruned_size, _ = token_prune(x, size, keep, prefix)

@@ -56,11 +56,11 @@ def _(x, size, keep, prefix):
 def _token_prune_node(g, x, size, keep, prefix):
     from torch.onnx import symbolic_helper
 
-    from edgetok.plugins.spec import NAMESPACE, VERSION
+    from edgetok.plugins.spec import NAMESPACE, node_attributes
 
     prefix = symbolic_helper._get_const(prefix, "i", "prefix")
     pruned, pruned_size, count = g.op(f"{NAMESPACE}::TokenPrune", x, size, keep, prefix_i=prefix,
-                                      plugin_version_s=VERSION, outputs=3)
+                                      **node_attributes(), outputs=3)
     channels = (x.type().varyingSizes() or [None] * 3)[2]
     pruned.setType(x.type().with_sizes([None, None, channels]))
     pruned_size.setType(size.type().with_sizes([None, None, 1]))
@@ -103,7 +103,11 @@ class PaddingAwareViT(VisionTransformer):
 
 
 def padding_aware(vit, state) -> None:
-    """Let ``vit``'s pooling ignore padding rows; a pooling that cannot is refused in one line."""
+    """Let ``vit``'s pooling ignore padding rows; a pooling that cannot is refused in one line. A method whose
+    reference attends its own way over padded rows (ATS: ``softmax_with_policy``) installs that attention in
+    every block here (``own_attention``), as its reference does in every block, not only where it reduces."""
+    if hasattr(state.method, "own_attention"):
+        state.method.own_attention(vit.blocks)
     model = vit.module
     if vit.family != "timm":
         return  # Hugging Face ViT pools the class token

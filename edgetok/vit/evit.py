@@ -16,7 +16,7 @@ from edgetok.vit.token_transform import TokenTransform
 
 
 def default_keep_layers(depth: int) -> list[int]:
-    """After blocks 4, 7 and 10 of 12 (0-based 3, 6, 9), scaled to the model's depth."""
+    """Blocks 3, 6 and 9 of 0..11 (the paper's 4th, 7th and 10th), scaled to the model's depth."""
     return sorted({depth // 4, depth // 2, (3 * depth) // 4})
 
 

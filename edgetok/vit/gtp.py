@@ -1,19 +1,28 @@
 """GTP-ViT: graph propagation (Xu et al., WACV 2024), as a many-to-many token transform.
 
-As the reference's ``models_v3.py`` does it (selection "MixedAttnMax", propagation "GraphProp", token scales
-on): a graph over the patch tokens is built once per image from the embedded tokens (after position
-embedding) — ``spatial``: the 8 grid neighbours; ``semantic``: the k = 8 most cosine-similar tokens (those at
+As the reference's ``models_v3.py`` (Ackesnal/GTP-ViT 97a1178) does it (selection "MixedAttnMax", propagation
+"GraphProp", token scales on): a graph over the patch tokens is built once per image from the embedded tokens
+(after position embedding) — ``spatial``: the 8 grid neighbours; ``semantic``: the k = 8 most cosine-similar tokens (those at
 or above the (k+1)-th largest similarity, itself excluded); ``mixed``: either — then symmetrically
 normalised, D^-1/2·G·D^-1/2. In each block, after the attention residual, token i is ranked by
 max_h A_h[i, i] × max_h Σ_q A_h[q, i] (A: the block's attention with + log size); the P lowest are
 propagated and removed: kept tokens (in rank order, highest first) += α·W[kept, removed]·x_removed, sizes
 likewise, and the graph keeps W[kept, kept] (not renormalised). Prefix tokens (class, registers) stay in front
 and out of the graph; the reference handles only a class token. Ties rank by position.
+
+Sparsity θ (``--sparsity``, the reference's ``--sparsity``, default 1 = off): in every block, each head's attention
+probabilities below the k-th smallest of its N² (k = int(N²·(1 − θ))) are set to 0 after the softmax, not
+renormalised; the thinned matrix is both what the block attends with and what the ranking reads.
+
+P = 0 is refused: in the reference it does not mean "nothing" but "every patch token" (``token_rank[:, :-0]`` is
+an empty slice, so no token is kept and only the class token is left). A per-block list shorter than the depth
+leaves the later blocks alone (the reference has no such blocks).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -26,7 +35,8 @@ NEIGHBOURS = 8
 
 
 def parse_propagate(spec, depth: int) -> list[int]:
-    """``P`` for every block, or a per-block list ``8,8,4`` (missing blocks propagate nothing)."""
+    """``P`` for every block, or a per-block list ``8,8,4`` (blocks past the list propagate nothing). A 0 is
+    refused: the reference's P = 0 removes every patch token (see the module docstring)."""
     if isinstance(spec, (list, tuple)):
         values = [int(v) for v in spec]
     else:
@@ -40,6 +50,14 @@ def parse_propagate(spec, depth: int) -> list[int]:
         raise EdgetokError(f"--propagate {spec} has {len(values)} entries but the model has {depth} blocks")
     if any(v < 0 for v in values):
         raise EdgetokError(f"--propagate {spec}: token counts must be >= 0")
+    listed = len(values)
+    while listed and values[listed - 1] == 0:  # trailing zeros (a sidecar's padded list): blocks past the list
+        listed -= 1
+    if listed == 0 or 0 in values[:listed]:
+        block = values.index(0)
+        raise EdgetokError(f"--propagate {spec}: P = 0 in block {block} would remove every patch token in GTP-ViT's "
+                           "code ([:, :-0] keeps none), which edgetok does not reproduce; give P >= 1 for each block "
+                           "listed (blocks past the list propagate nothing), or use --method none")
     return values + [0] * (depth - len(values))
 
 
@@ -61,22 +79,40 @@ def semantic_graph(x: torch.Tensor) -> torch.Tensor:
     return (cos >= cut).to(x.dtype) - torch.eye(cos.shape[-1], dtype=x.dtype, device=x.device)
 
 
+def sparsify(attn: torch.Tensor, theta: float) -> torch.Tensor:
+    """The reference's θ on attention probabilities [B, H, N, N]: in each head, entries below the k-th smallest
+    of the N² (k = int(N²·(1 − θ)), as the reference computes it) become 0. TopK of the k smallest gives the
+    reference's ``kthvalue`` and exports (ONNX TopK; TensorRT caps K at 3840: N² (1 − θ) beyond that will not build)."""
+    n = int(attn.shape[-1])  # a Python int even while tracing: k in double precision, as the reference's
+    k = int(n * n * (1 - theta))
+    if k < 1:  # nothing lies below the smallest entry
+        return attn
+    cut = attn.flatten(-2).topk(k, dim=-1, largest=False).values[..., -1:].unsqueeze(-1)  # [B, H, 1, 1]
+    return attn.masked_fill(attn < cut, 0.0)
+
+
 class GTP:
     name = "gtp"
     proportional_attention = True  # token scales: log(size) in attention
     attention_probs = True  # ranks by the block's whole attention matrix: patch.py hands it over when it can
 
-    def __init__(self, propagate: list[int], alpha: float, graph: str):
+    def __init__(self, propagate: list[int], alpha: float, graph: str, sparsity: float | None = None):
         if graph not in GRAPHS:
             raise EdgetokError(f"--graph {graph!r} is unknown; choose {', '.join(GRAPHS)}")
         if not alpha >= 0 or not math.isfinite(alpha):
             raise EdgetokError(f"--alpha {alpha} must be a finite number >= 0, e.g. 0.1")
-        self.propagate, self.alpha, self.graph_kind = propagate, alpha, graph
+        theta = 1.0 if sparsity is None else sparsity
+        if not 0 < theta <= 1:
+            raise EdgetokError(f"--sparsity {sparsity} is out of range: give θ in (0, 1], the share of each head's "
+                               "attention kept (1 keeps all), e.g. 0.8")
+        self.propagate, self.alpha, self.graph_kind, self.sparsity = propagate, alpha, graph, theta
+        # patch.py thins every block's attention probabilities with this (None: θ = 1, the attention untouched)
+        self.sparsify = partial(sparsify, theta=theta) if theta < 1 else None
         self.graph = None  # this forward's graph over the tokens left, [B, T, T]
 
     def params(self, amounts: list[int]) -> dict:
         return {"propagate_per_layer": amounts, "alpha": self.alpha, "graph": self.graph_kind,
-                "proportional_attention": True}
+                "sparsity": self.sparsity, "proportional_attention": True}
 
     def plan_layer(self, layer: int, tokens: int, prefix: int) -> tuple[int, int]:
         p = self.propagate[layer]

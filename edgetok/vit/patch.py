@@ -144,6 +144,10 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
                  attention: str = "dense", sparsity=None) -> ReductionState:
     """Swap every block of ``vit`` for its reducing subclass, driven by ``method``'s plan."""
     state = ReductionState(method, amounts, vit.prefix_tokens, vit.class_token, plugins, attention, sparsity)
+    sparsify = getattr(method, "sparsify", None)
+    if sparsify is not None and (attention != "dense" or any(type(b) is not Block or type(b.attn) is not Attention for b in vit.blocks)):
+        raise EdgetokError(f"--sparsity {method.sparsity} thins each block's own attention probabilities, which needs "
+                           "timm Blocks with the standard attention: leave out --attention/--plugins (or use --sparsity 1)")
     for layer, block in enumerate(vit.blocks):
         taps: dict = {}
         if type(block) is Block and type(block.attn) is Attention:
@@ -153,12 +157,16 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
             block.attn.k_norm.register_forward_hook(_tap(taps, "k"))
             if getattr(method, "data_dependent", False):  # ATS scores tokens by their values' norm too
                 block.attn.qkv.register_forward_hook(_tap(taps, "v", block.attn.num_heads, part=2))
+            if sparsify is not None:  # GTP's θ: every block attends with thinned probabilities (timm's unfused path)
+                block.attn.fused_attn = False
+                block.attn.attn_drop.register_forward_hook(lambda module, args, out: sparsify(out))
             if getattr(method, "attention_probs", False) and amounts[layer]:
                 # A method that ranks by the whole attention matrix reads the block's own softmax (timm's unfused
-                # path, the input of attn_drop) instead of computing it a second time; only where it reduces, so
-                # blocks that keep every token stay exactly the model (fused attention left alone).
+                # path, what attn_drop hands on: in eval its input, thinned if θ < 1) instead of computing it a
+                # second time; only where it reduces, so blocks that keep every token stay exactly the model
+                # (fused attention left alone).
                 block.attn.fused_attn = False
-                block.attn.attn_drop.register_forward_hook(lambda module, args, out, taps=taps: taps.update(attn=args[0]))
+                block.attn.attn_drop.register_forward_hook(lambda module, args, out, taps=taps: taps.update(attn=out))
         elif type(block) is ViTLayer:
             block.__class__ = ReducingViTLayer
             attn = block.attention

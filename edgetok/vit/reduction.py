@@ -43,6 +43,8 @@ def make_method(
     graph: str | None = None,
     head_variance: str | None = None,
     similarity_share: float | None = None,
+    pitome_variant: str | None = None,
+    sparsity: float | None = None,
 ):
     """The method object for ``name`` (None for ``none``), from CLI/recipe parameters; ``tokens`` is the
     model's token count (ATS samples from it); ``defaults`` the model's own defaults for options not given."""
@@ -50,6 +52,10 @@ def make_method(
         raise EdgetokError("--cap and calibrated thresholds are dtome options; they need --method dtome")
     if (propagate is not None or alpha is not None or graph is not None) and name != "gtp":
         raise EdgetokError("--propagate/--alpha/--graph are GTP options; they need --method gtp")
+    if sparsity is not None and name != "gtp":
+        raise EdgetokError("--sparsity is a GTP option (its θ); it needs --method gtp")
+    if pitome_variant is not None and name != "pitome":
+        raise EdgetokError("--pitome-variant is a PiToMe option; it needs --method pitome")
     if (head_variance is not None or similarity_share is not None) and name != "zerotprune":
         raise EdgetokError("--head-variance/--similarity-share are Zero-TPrune options; they need --method zerotprune")
     ats_given = ats_blocks is not None or ats_budget is not None
@@ -84,12 +90,12 @@ def make_method(
                           [float("inf") if t is None else t for t in thresholds], cap)
     if name == "gtp":
         if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
-            raise EdgetokError("--method gtp takes --propagate P, --alpha and --graph (not --r/--keep-rate)")
+            raise EdgetokError("--method gtp takes --propagate P, --alpha, --graph and --sparsity (not --r/--keep-rate)")
         if propagate is None:
             raise EdgetokError("--method gtp needs --propagate P (tokens propagated and removed per block), e.g. 8")
         from edgetok.vit.gtp import GTP, parse_propagate
 
-        return GTP(parse_propagate(propagate, depth), 0.1 if alpha is None else alpha, graph or "spatial")
+        return GTP(parse_propagate(propagate, depth), 0.1 if alpha is None else alpha, graph or "spatial", sparsity)
     if name in ("pitome", "zerotprune"):
         if keep_layers is not None:
             raise EdgetokError(f"--keep-layers is an EViT option; --method {name} takes --r, --r-schedule or --keep-rate")
@@ -103,7 +109,7 @@ def make_method(
         given = r if r is not None else r_schedule
         schedule, clamp = parse_r_schedule(given, depth) if given is not None else (None, False)
         if name == "pitome":
-            return PiToMe(schedule, keep_rate, depth, clamp)
+            return PiToMe(schedule, keep_rate, depth, clamp, pitome_variant)
         return ZeroTPrune(schedule, keep_rate, depth, clamp, head_variance, similarity_share)
     if name == "ats":
         if r is not None or r_schedule is not None or keep_rate is not None or keep_layers is not None:
