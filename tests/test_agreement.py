@@ -70,3 +70,81 @@ def test_token_merge_margin_finds_the_near_tie_a_sample_rests_on():
     margin = ag.token_merge_margin(metric, 8, 1, 1)
     assert margin[0] > 1e-4 and margin[1] <= ag.noise(1.0)
     assert (ag.token_merge_margin(metric, 0, 1, 1) == np.inf).all()
+
+
+# ---- `plugins check --device cuda`: each spec's margins hook, through check's compare ----------------------
+def _near_tie_metric():
+    """Two samples of 17 tokens; in sample 1, A token 0 (position 2) has two best matches, B tokens 1 and 2
+    (positions 3 and 5), whose cosines differ by ~1e-7: within float32 noise of 1, yet not an exact tie."""
+    rng = np.random.default_rng(0)
+    metric = rng.standard_normal((2, 17, 8))
+    a = metric[1, 2] / np.linalg.norm(metric[1, 2])
+    other = metric[1, 7] - (metric[1, 7] @ a) * a
+    metric[1, 3] = a * 2.0
+    metric[1, 5] = (a + 4.5e-4 * other / np.linalg.norm(other)) * 3.0
+    x = rng.standard_normal((2, 17, 8)).astype(np.float32)
+    return [x, metric.astype(np.float32), np.ones((2, 17, 1), np.float32)]
+
+
+def test_check_accepts_a_near_tie_flip_on_a_gpu_only_and_a_wrong_index_nowhere():
+    from edgetok.plugins import check
+
+    spec = plugin_spec.get("TokenMerge")
+    inputs, fields = _near_tie_metric(), spec.resolve({"r": 4, "prefix": 1, "class_token": 1})
+    want = np.concatenate(spec.intermediates(inputs, fields)["match"])
+    margins = spec.margins(inputs, fields)
+    gpu = check._allowance(margins, "match")  # what run_checks passes on --device cuda; {} on the interpreter
+    assert 0 < gpu["margin"][8] <= gpu["tie"] and margins.settled.tolist() == [True, False]
+    near = want.copy()
+    near[8] = 3 - want[8]  # sample 1's A token 0 takes the other of its two near-equal best matches
+    assert check.compare(near, want, True, **gpu) == (0.0, 1, True)
+    assert check.compare(near, want, True, **check._allowance(None, "match")) == (1.0, 0, False)
+    wrong = want.copy()
+    wrong[3] = (want[3] + 1) % 8  # sample 0's A token 3 matched elsewhere, its margin clear of noise
+    assert gpu["margin"][3] > 100 * gpu["tie"]
+    assert check.compare(wrong, want, True, **gpu) == (1.0, 0, False)
+    assert check.compare(wrong, want, True) == (1.0, 0, False)
+    # values: a GPU's tolerance follows the magnitude the spec's hook names; a real error still fails
+    attention = plugin_spec.get("SizeBiasedAttention")
+    q, k, v, size = {label: x for label, x, _ in attention.cases(np.random.default_rng(0))}["N=17 D=64 (N below a tile)"]
+    big = [q * np.float32(30), k * np.float32(30), v, size]
+    magnitude = attention.margins(big, {"scale": 0.0}).magnitude
+    out = plugin_spec.run_reference("SizeBiasedAttention", big, {"scale": 0.0})[0]
+    off = out + np.float32(3e-5) * np.abs(out).max()
+    assert check.compare(off, out, False, magnitude=magnitude)[2] and not check.compare(off, out, False)[2]
+    assert not check.compare(out + 0.01 * np.abs(out).max(), out, False, magnitude=magnitude)[2]
+
+
+def test_an_exact_tie_is_held_to_the_tie_rule_on_a_gpu_too():
+    """Keys along three axes: cosines exactly 0 or 1 in any order of summation; the lower index wins on both
+    sides, so a flip there is wrong, not a near tie."""
+    from edgetok.plugins import check
+
+    spec = plugin_spec.get("TokenMerge")
+    label, inputs, fields = next(c for c in spec.cases(np.random.default_rng(0)) if c[0].startswith("ties") and "r=4" in c[0])
+    fields = spec.resolve(fields)
+    want = np.concatenate(spec.intermediates(inputs, fields)["match"])
+    gpu = check._allowance(spec.margins(inputs, fields), "match")
+    tied = np.flatnonzero(gpu["margin"] == 0)
+    assert len(tied)
+    flipped = want.copy()
+    flipped[tied[0]] = (want[tied[0]] + 1) % 8
+    assert not check.compare(flipped, want, True, **gpu)[2]
+
+
+@pytest.mark.parametrize("name", ["BlockSparseAttention", "SizeBiasedAttention", "TokenMerge", "TokenPrune"])
+def test_margins_hooks_fit_the_results_they_qualify(name):
+    """Every decision the spec's hook gives margins for is laid out as its result (an output, or a scratch
+    region per sample); no spec case rests on a near tie, so a GPU check compares all of every case.
+    TokenPrune has no hook: its decisions are IEEE comparisons of its inputs, exact on any device."""
+    spec = plugin_spec.get(name)
+    assert (spec.margins is None) == (name == "TokenPrune")
+    if spec.margins is None:
+        return
+    for label, inputs, fields in spec.cases(np.random.default_rng(0)):
+        fields = spec.resolve(fields)
+        margins, steps = spec.margins(inputs, fields), spec.intermediates(inputs, fields)
+        for result, (margin, tie) in margins.decisions.items():
+            assert [m.size for m in margin] == [np.asarray(s).size for s in steps[result]], (label, result)
+            assert np.issubdtype(steps[result][0].dtype, np.integer) and tie > 0
+        assert margins.settled is None or (margins.settled.shape == (len(inputs[0]),) and margins.settled.all()), label

@@ -31,6 +31,7 @@ def exported(tmp_path_factory):
             for name, opts in EXPORTS.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("model", list(EXPORTS))
 def test_real_rtx_build(capsys, tmp_path, exported, model, precision):
@@ -58,6 +59,7 @@ def test_real_rtx_build(capsys, tmp_path, exported, model, precision):
     assert "tensorrt-rtx" in out and precision in out
 
 
+@pytest.mark.slow
 def test_batch_profile_defaults_from_the_sidecar(capsys, tmp_path, exported):
     engine = tmp_path / "d.engine"
     code, out, err = run_cli(capsys, "build-engine", exported["dense"], "-o", str(engine))
@@ -93,6 +95,7 @@ def test_fixed_batch_model_refuses_a_batch_range(capsys, tmp_path):
     assert_one_line_error(code, err, "--batch 1:4:8", "fixed batch of 1")
 
 
+@pytest.mark.slow
 def test_a_failing_child_is_one_line_and_leaves_nothing(capsys, tmp_path, exported):
     bogus = tmp_path / "libbogus.so"
     bogus.write_bytes(b"not a shared library")
@@ -120,6 +123,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input(capsys, tmp_path, exported, case):
     (tmp_path / "junk.onnx").write_text("hello")
@@ -131,6 +135,7 @@ def test_bad_input(capsys, tmp_path, exported, case):
     assert sorted(Path(exported["dense"]).parent.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_recipe_exports_then_builds(capsys, tmp_path, monkeypatch):
     # Fixed random weights: with fresh ones every run, the fp16 check (cosine >= 0.999) failed once in ~10 CI
     # runs on an unlucky draw (0.9957), a flake rather than a finding.
@@ -152,3 +157,50 @@ def test_recipe_exports_then_builds(capsys, tmp_path, monkeypatch):
     code, out, err = run_cli(capsys, "build-engine", "--recipe", "r.yaml", "--precision", "fp32", "-o", "out/f.engine")
     assert code == 0, err
     assert json.loads(Path("out/f.engine.build.json").read_text())["precision"] == "fp32"
+
+
+def _token_merge_model(path: Path, namespaced: bool) -> Path:
+    """One TokenMerge node, as an export writes it now (plugin_namespace) or wrote it before."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 17, 8])
+    metric = helper.make_tensor_value_info("metric", TensorProto.FLOAT, ["batch", 17, 4])
+    size = helper.make_tensor_value_info("size", TensorProto.FLOAT, ["batch", 17, 1])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("merged", "merged_size")]
+    extra = {"plugin_namespace": "edgetok"} if namespaced else {}
+    node = helper.make_node("TokenMerge", ["x", "metric", "size"], ["merged", "merged_size"], name="merge0",
+                            domain="edgetok", r=4, prefix=1, class_token=1, plugin_version="1", **extra)
+    graph = helper.make_graph([node], "g", [x, metric, size], outs)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetok", 1)]),
+              str(path))
+    return path
+
+
+def test_plugin_nodes_exported_without_their_namespace_are_refused(capsys, tmp_path):
+    """TensorRT <= 10.9's parser (JetPack 6) reads the namespace only from plugin_namespace: an ONNX exported
+    before edgetok wrote it is refused in one line that says to re-export, before any worker or compile."""
+    from edgetok.onnx.lint import UNNAMESPACED, lint, unnamespaced_plugin_nodes
+
+    old = _token_merge_model(tmp_path / "old.onnx", namespaced=False)
+    assert unnamespaced_plugin_nodes(onnx.load(str(old))) == ["merge0"]
+    assert [(f.node, f.reason) for f in lint(onnx.load(str(old)))] == [("merge0", UNNAMESPACED)]
+    new = _token_merge_model(tmp_path / "new.onnx", namespaced=True)
+    assert unnamespaced_plugin_nodes(onnx.load(str(new))) == [] and lint(onnx.load(str(new))) == []
+    code, out, err = run_cli(capsys, "build-engine", str(old), "--backend", "tensorrt-rtx", "--batch", "1:2:4",
+                             "--target", "sm86")
+    assert_one_line_error(code, err, "old.onnx: 1 edgetok plugin node(s) (merge0)", "no plugin_namespace attribute",
+                          "TensorRT <= 10.9", "re-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx", "old.onnx"]
+
+
+def test_a_recipe_re_exports_plugin_nodes_without_their_namespace(monkeypatch, tmp_path):
+    """The export a recipe would reuse is stale when its plugin nodes lack plugin_namespace: the recipe
+    re-exports it instead of stopping at build-engine's refusal."""
+    from edgetok import sidecar
+    from edgetok.vit import export
+
+    monkeypatch.setattr(export, "export_request", lambda opts: {})
+    for namespaced, why in ((False, "its plugin nodes lack plugin_namespace (exported before edgetok wrote it)"),
+                            (True, None)):
+        path = _token_merge_model(tmp_path / f"m{namespaced}.onnx", namespaced)
+        record = {"plugins": [{"name": "TokenMerge"}], "onnx": {"sha256": sidecar.file_sha256(path)}}
+        monkeypatch.setattr(sidecar, "request_mismatch", lambda *args, record=record: (record, None))
+        assert export.stale_reason(path, None) == why

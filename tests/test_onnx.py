@@ -78,6 +78,23 @@ def test_lint_rejects_scatter_elements_with_reduction():
     assert "reduction='add'" in findings[0].reason
 
 
+@pytest.mark.parametrize("k, flagged", [(3840, False), (3841, True)])
+def test_lint_flags_topk_beyond_tensorrts_k_limit(k, flagged):
+    """TensorRT-RTX 1.7 builds TopK with K = 3840 and refuses 3841 (GTP's θ on DeiT-S below 0.91 would)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
+    values = helper.make_tensor_value_info("values", TensorProto.FLOAT, [1, k])
+    indices = helper.make_tensor_value_info("indices", TensorProto.INT64, [1, k])
+    node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="attn/topk", largest=0)
+    graph = helper.make_graph([node], "g", [x], [values, indices],
+                              initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    findings = lint(model)
+    assert bool(findings) == flagged
+    if flagged:
+        assert findings[0].op_type == "TopK" and "K=3841" in findings[0].reason and "3840" in findings[0].reason
+
+
 def test_lint_accepts_scatter_without_reduction_and_finds_nonzero_in_subgraphs():
     idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [4, 3])
     upd = helper.make_tensor_value_info("upd", TensorProto.FLOAT, [4, 3])

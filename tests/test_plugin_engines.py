@@ -82,6 +82,7 @@ def vit_onnx(tmp_path_factory):
                                             plugins=True, output=str(out)))["path"])
 
 
+@pytest.mark.slow
 def test_vit_with_token_merge_nodes_builds(capsys, tmp_path, vit_onnx):
     engine = tmp_path / "t.engine"
     code, out, err = run_cli(capsys, "build-engine", str(vit_onnx), "--backend", "tensorrt-rtx", "--batch", "1:4:8",
@@ -100,6 +101,14 @@ def test_vit_with_token_merge_nodes_builds(capsys, tmp_path, vit_onnx):
     assert Path(f"{engine}.cubins.zip").read_bytes() == cubins.bundle_path(vit_onnx).read_bytes()
     assert manifest["file"] == "t.engine.cubins.zip" and set(manifest["archs"]) == set(cubins.ARCHS)
     assert manifest["triton"] and manifest["ptx_version"] and manifest["targets"]["sm86"]["target"] == "sm_86"
+    # per architecture, the ptxas that assembled its cubins and the driver each form needs (manifest format 3)
+    sm86, sm120 = manifest["targets"]["sm86"], manifest["targets"]["sm120"]
+    assert sm86["assembler"].startswith("12.") and (sm86["cubin_driver"], sm86["ptx_driver"]) == (12000, 12000)
+    assert sm120["assembler"].startswith("13.") and (sm120["cubin_driver"], sm120["ptx_driver"]) == (13000, 12080)
+    assert (f"  cubins     sm86, sm87, sm89, sm90: ptxas {sm86['assembler']}, load on CUDA 12.0+ drivers; their PTX "
+            "JIT-compiles on 12.0+\n") in out
+    assert (f"  cubins     sm110, sm120: ptxas {sm120['assembler']}, load on CUDA 13.0+ drivers; their PTX JIT-compiles "
+            "on 13.0+ (sm110), 12.8+ (sm120)\n") in out
     assert set(manifest["kernels"]) == KERNELS
     for kernel in manifest["kernels"].values():
         assert kernel["hidden_params"] == 2
@@ -218,6 +227,7 @@ def test_target_without_cubins_is_refused_before_the_build(capsys, tmp_path):
     assert_one_line_error(code, err, "--target sm80", "plugin", "sm86")
 
 
+@pytest.mark.slow
 def test_fp16_build_keeps_the_plugin_in_float32(capsys, tmp_path, vit_onnx):
     """The strongly typed fp16 conversion casts around plugin nodes: the reduction step stays float32."""
     from edgetok.onnx.fp16 import convert_to_fp16

@@ -115,6 +115,7 @@ def _checkpoint(tmp_path, model, img_size):
     ("deit_small_patch16_224", dict(img_size=96, r_schedule="(6, -1)")),
     ("edgetok_digits_vit", dict(r=2)),
 ], ids=["deit_tiny", "deit_small_sched", "digits"])
+@pytest.mark.slow
 def test_plugins_export_equals_standard_op_export(tmp_path, model, kw):
     if model != "edgetok_digits_vit":
         kw["checkpoint"] = _checkpoint(tmp_path, model, kw["img_size"])
@@ -192,6 +193,7 @@ def test_lint_names_foreign_and_wrong_version_plugin_nodes():
 
 
 # ----------------------------------------------------------------------------------- edgetok plugins ...
+@pytest.mark.slow
 def test_plugins_check_runs_every_kernel_under_the_interpreter():
     """The command selects the interpreter itself (no TRITON_INTERPRET in its environment)."""
     import os
@@ -209,9 +211,11 @@ def test_plugins_check_runs_every_kernel_under_the_interpreter():
                        "sba_attend_d64", "sba_attend_d128", "sba_class_row",
                        "tome_norm", "tome_match", "tome_rank", "tome_slot", "tome_merge",
                        "prune_scan", "prune_count", "prune_gather"]
-    assert "tome_rank    0 mismatched indices" in done.stdout and "tome_slot    0 mismatched indices" in done.stdout
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert " 0 mismatched indices " in rows["tome_rank"] and " 0 mismatched indices " in rows["tome_slot"]
 
 
+@pytest.mark.slow
 def test_plugins_check_exits_non_zero_on_a_mismatch(capsys, monkeypatch):
     from cli_assertions import run_cli
 
@@ -242,6 +246,25 @@ def test_plugins_check_exits_non_zero_on_a_mismatch(capsys, monkeypatch):
     assert "0/1 cases match" in out
     assert "MISMATCH tome_rank on one: 4 indices differ" in out and "MISMATCH tome_merge on one: error 0.00043" in out
     assert "MISMATCH tome_match" not in out  # the kernels before rank are right
+
+
+def test_export_announces_only_the_cubins_it_compiles(monkeypatch, tmp_path):
+    """The export's bundle: cubins the cache holds are not announced as being compiled (minutes each)."""
+    from edgetok.plugins import cubins
+    from edgetok.vit import export
+
+    manifest = {"archs": {a: {} for a in cubins.ARCHS}, "triton": "3", "kernels": {}}
+    written = []
+    monkeypatch.setattr(cubins, "write_bundle", lambda path, archs, say: written.append(list(archs)) or manifest)
+    said = []
+    monkeypatch.setattr(cubins, "cached_archs", lambda: list(cubins.ARCHS))
+    export._kernel_bundle(tmp_path / "m.onnx.cubins.zip", said.append)
+    assert said == ["plugin cubins for sm86, sm87, sm89, sm90, sm110, sm120 from the cache"]
+    said.clear()
+    monkeypatch.setattr(cubins, "cached_archs", lambda: ["sm87", "sm90"])
+    export._kernel_bundle(tmp_path / "m.onnx.cubins.zip", said.append)
+    assert said == ["compiling the plugin kernels for sm86, sm89, sm110, sm120 (sm87, sm90 from the cache)"]
+    assert written == [list(cubins.ARCHS)] * 2  # the bundle is written either way
 
 
 def test_plugins_list_and_build_errors(capsys):
@@ -297,6 +320,7 @@ def test_engine_with_plugins_needs_its_bundle(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_runners_of_a_plugins_export(tmp_path):
     """ONNX Runtime labels its timings as the Python reference ops'; the PyTorch runner re-creates the model
     with plugin steps (the Triton kernels on a GPU; here, on a CPU, the standard ops: the same outputs)."""

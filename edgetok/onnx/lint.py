@@ -36,6 +36,20 @@ def _nodes(graph: onnx.GraphProto):
                     yield from _nodes(g)
 
 
+# Why an edgetok node without a plugin_namespace attribute cannot be built (see spec.node_attributes)
+UNNAMESPACED = ("no plugin_namespace attribute (exported before edgetok wrote it): TensorRT <= 10.9's ONNX parser "
+                "(JetPack 6) would look for the plugin in the empty namespace and not find it; re-export the model "
+                "with this edgetok")
+
+
+def unnamespaced_plugin_nodes(model: onnx.ModelProto) -> list[str]:
+    """The edgetok plugin nodes (by name) that lack ``plugin_namespace``: graphs exported before it was written."""
+    from edgetok.plugins.spec import NAMESPACE
+
+    return [node.name or node.op_type for node in _nodes(model.graph)
+            if node.domain == NAMESPACE and not any(a.name == "plugin_namespace" for a in node.attribute)]
+
+
 def _plugin_problem(node: onnx.NodeProto) -> str | None:
     """Our own ops are checked against their specs; other custom domains need a plugin edgetok does not have."""
     from edgetok.plugins.spec import NAMESPACE, PluginError, node_spec
@@ -46,6 +60,8 @@ def _plugin_problem(node: onnx.NodeProto) -> str | None:
         node_spec(node)
     except PluginError as exc:
         return str(exc)
+    if not any(a.name == "plugin_namespace" for a in node.attribute):
+        return UNNAMESPACED
     return None
 
 
@@ -74,6 +90,23 @@ def _qdq_problem(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -
     return None
 
 
+TOPK_MAX = 3840  # TensorRT's ITopKLayer (and TensorRT-RTX 1.7's: K = 3840 builds, 3841 does not)
+
+
+def _topk_problem(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
+    """TopK with a constant K beyond TensorRT's limit (GTP's sparsity θ takes the N²·(1 − θ) smallest)."""
+    from onnx import numpy_helper
+
+    k = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if k is None:
+        return None
+    value = int(numpy_helper.to_array(k).reshape(-1)[0])
+    if value <= TOPK_MAX:
+        return None
+    return (f"K={value} is beyond TensorRT's TopK limit of {TOPK_MAX} (with GTP's --sparsity θ, K = N²·(1 − θ): "
+            f"raise θ so that it is at most {TOPK_MAX})")
+
+
 def lint(model: onnx.ModelProto) -> list[Finding]:
     findings = []
     constants = {t.name: t for t in model.graph.initializer}
@@ -91,6 +124,8 @@ def lint(model: onnx.ModelProto) -> list[Finding]:
                 findings.append(Finding(node.name, f"{node.domain}::{node.op_type}", reason))
             continue
         reason = REJECTED.get(node.op_type)
+        if node.op_type == "TopK":
+            reason = _topk_problem(node, constants)
         if reason is None:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             reduction = attrs.get("reduction", b"none")

@@ -10,8 +10,9 @@ multiply-adds, tree reductions), so a dot product differs by some ulps of the su
   a tolerance fixed for unit-sized inputs (1e-5) fails correct kernels as soon as the inputs are not.
 
 Both checks still refuse a real error: a decision that differs where the reference's margin is clear, a value
-off by more than the noise of its magnitude. Used by the GPU checks (bench/*_cuda.py, tests/test_plugin_kernels.py
-when TRITON_INTERPRET=0 on CUDA); tests/test_agreement.py holds them to both sides on a CPU.
+off by more than the noise of its magnitude. Used by the GPU checks (`plugins check --device cuda`, through each
+spec's ``margins`` hook; bench/*_cuda.py; tests/test_plugin_kernels.py when TRITON_INTERPRET=0 on CUDA);
+tests/test_agreement.py holds them to both sides on a CPU.
 """
 
 from __future__ import annotations
@@ -81,13 +82,29 @@ def compare_decisions(got: np.ndarray, want: np.ndarray, margin: np.ndarray, tie
     """Decisions (indices, flags) against the reference's, each with the reference's margin (how far its
     score was from deciding otherwise: argmax_margin, boundary_margin, or |score - threshold|). ``tie``: the
     margin up to which either decision is right, noise(magnitude of the scores' terms), or, where the scores'
-    difference between the two sides is measured (d at most), 2d (a scalar or one per decision)."""
+    difference between the two sides is measured (d at most), 2d (a scalar or one per decision). Exact ties
+    (margin 0) are no near ties: see near_tie."""
     got, want = np.asarray(got), np.asarray(want)
     if got.shape != want.shape:
         raise ValueError(f"decisions of shape {list(got.shape)} against the reference's {list(want.shape)}")
     differ = got != want
-    near = differ & (np.broadcast_to(np.asarray(margin, np.float64), differ.shape) <= np.asarray(tie, np.float64))
-    return Decisions(int(differ.sum()), int(near.sum()))
+    return Decisions(int(differ.sum()), int((differ & near_tie(margin, tie)).sum()))
+
+
+def near_tie(margin, tie) -> np.ndarray:
+    """Where a decision can come out either way with both sides right: its margin within ``tie`` but not 0.
+    A margin of exactly 0 is an exact tie of the reference's scores (in float64), which only constructed
+    inputs have (duplicated tokens or blocks, keys along a few axes), and a GPU computes them equal too: the
+    tie rule (the lower index first) decides on both sides, and a flip there is wrong."""
+    margin = np.asarray(margin, np.float64)
+    return (margin > 0) & (margin <= np.asarray(tie, np.float64))
+
+
+def least_margin(*margins) -> float:
+    """The smallest margin among ``margins`` (arrays or numbers) that is not an exact tie; inf if none: the
+    margin of a decision that rests on all of them (an index list a near tie anywhere in it may shift)."""
+    found = np.concatenate([np.asarray(m, np.float64).reshape(-1) for m in margins] or [np.zeros(0)])
+    return float(found[found > 0].min(initial=np.inf))
 
 
 def argmax_margin(scores: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -123,6 +140,23 @@ def order_margin(scores: np.ndarray, axis: int = -1) -> np.ndarray:
     margin = np.empty_like(nearest)
     np.put_along_axis(margin, order, nearest, axis=-1)
     return np.moveaxis(margin, -1, axis)
+
+
+# ------------------------------------------------------------------------------------------------ per case
+@dataclass(frozen=True)
+class Margins:
+    """What comparing a GPU's results for one call with the reference's takes beyond the results: each
+    plugin spec's ``margins`` hook computes it from the call (`plugins check --device cuda`).
+
+    ``decisions``: per integer result (an output, or a scratch region as the spec's intermediates list it, one
+    array per sample), the reference's margin of each entry, laid out like the result, and the ``tie`` it is
+    compared with (see compare_decisions). ``magnitude``: what the float results are summed from
+    (value_tolerance). ``settled``: per sample [B], whether every decision it rests on is clear of noise; its
+    float outputs, computed after the decisions, differ as much as a flipped decision makes them, so only the
+    settled samples' are compared (None: all)."""
+    decisions: dict
+    magnitude: float = 0.0
+    settled: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ per plugin

@@ -29,7 +29,8 @@ import math
 
 import numpy as np
 
-from edgetok.plugins.size_biased_attention import INPUTS, SCALE, check_attention, scale_of
+from edgetok.plugins.agreement import Margins, near_tie, noise
+from edgetok.plugins.size_biased_attention import INPUTS, SCALE, check_attention, logit_magnitude, scale_of
 from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
 
 MIN_BLOCK = 16  # the attention kernel's tile: a block is a whole number of tiles
@@ -157,6 +158,48 @@ def _intermediates(inputs: list[np.ndarray], f: dict) -> dict[str, list[np.ndarr
             "selected": [x.astype(np.int32).reshape(-1) for x in sel.reshape(-1, *sel.shape[2:])]}
 
 
+def _margins(inputs: list[np.ndarray], f: dict) -> Margins:
+    """On a GPU, the reference's margin of each ``selected`` entry, in multiples of its float32 noise (tie 1):
+    the selection is a prefix of the key blocks ranked by p, so an entry flips when it is near the boundary of
+    that prefix (its logit's distance to the midpoint of the last chosen and the first left out, against the
+    noise of the logits' magnitude) or, by mass, when the mass before it is near ``mass`` (against the noise of
+    a sum of probabilities from those logits). Forced entries (block 0, the diagonal) and padding blocks
+    (p = 0 exactly) do not rest on arithmetic."""
+    q, k, _, size = (np.asarray(x, np.float64) for x in inputs)
+    scale = scale_of(q.shape[3], f["scale"])
+    qp, kp, weight = pool(q, k, size, f["block"])
+    nb = weight.shape[1]
+    with np.errstate(divide="ignore"):
+        logits = qp @ np.swapaxes(kp, -1, -2) * scale + np.log(weight)[:, None, None, :]
+    magnitude = logit_magnitude(qp, kp, weight[..., None], scale)
+    real = np.broadcast_to((weight > 0)[:, None, None, :], logits.shape)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ranked_p = np.take_along_axis(p, order, axis=-1)
+    before = np.cumsum(ranked_p, axis=-1) - ranked_p  # mass ranked before each block
+    n_real = real.sum(axis=-1, keepdims=True)
+    if f["keep"] > 0:  # the chosen prefix of the ranking, as select() takes it
+        count = np.ceil(np.float32(f["keep"]) * n_real.astype(np.float32)).astype(int)
+    else:
+        count = np.where(f["mass"] >= 1, nb, (before < np.float32(f["mass"])).sum(axis=-1, keepdims=True))
+    ranked = np.take_along_axis(np.where(real, logits, -np.inf), order, axis=-1)
+    with np.errstate(invalid="ignore"):
+        middle = (np.take_along_axis(ranked, np.clip(count - 1, 0, nb - 1), axis=-1)
+                  + np.take_along_axis(ranked, np.clip(count, 0, nb - 1), axis=-1)) / 2
+        edge = np.where((count > 0) & (count < n_real), np.abs(logits - middle), np.inf)
+    margin = np.where(real & ~np.isnan(edge), edge, np.inf) / noise(magnitude)
+    if not f["keep"] and f["mass"] < 1:
+        by_mass = np.empty_like(before)
+        np.put_along_axis(by_mass, order, np.abs(before - f["mass"]), axis=-1)
+        margin = np.minimum(margin, by_mass / noise(2 * magnitude + nb))
+    margin[..., np.arange(nb), np.arange(nb)] = np.inf
+    if f["prefix"] > 0:
+        margin[..., 0] = np.inf
+    return Margins({"selected": ([m.reshape(-1) for m in margin.reshape(-1, nb, nb)], 1.0)},
+                   magnitude=float(logit_magnitude(q, k, size, scale)), settled=~near_tie(margin, 1.0).any(axis=(1, 2, 3)))
+
+
 SPEC = register(PluginSpec(
     name="BlockSparseAttention",
     doc="training-free block-sparse attention: pooled block scores pick key blocks by mass; exact inside them",
@@ -175,6 +218,7 @@ SPEC = register(PluginSpec(
     kernels="block_sparse_attention",
     cases=_cases,
     intermediates=_intermediates,
+    margins=_margins,
 ))
 
 

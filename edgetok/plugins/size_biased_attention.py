@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetok.plugins.agreement import Margins, dot_magnitude
 from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
 
 MAX_HEAD_DIM = 128
@@ -95,6 +96,19 @@ def _intermediates(inputs: list[np.ndarray], f: dict) -> dict[str, list[np.ndarr
     return {"lse": [row.astype(np.float32) for row in lse.reshape(-1, q.shape[2])]}
 
 
+def logit_magnitude(q: np.ndarray, k: np.ndarray, size: np.ndarray, scale: float) -> float:
+    """What the logits q kᵀ · scale + log size are summed from (their float32 noise scales with it)."""
+    with np.errstate(divide="ignore"):
+        bias = np.abs(np.log(np.asarray(size, np.float64)))
+    return dot_magnitude(q, k, scale) + float(bias[np.isfinite(bias)].max(initial=0.0))
+
+
+def _margins(inputs: list[np.ndarray], f: dict) -> Margins:
+    """On a GPU: no decisions; the values carry the float32 noise of the logits' magnitude."""
+    q, k, _, size = inputs
+    return Margins({}, magnitude=logit_magnitude(q, k, size, scale_of(q.shape[3], f["scale"])))
+
+
 SPEC = register(PluginSpec(
     name="SizeBiasedAttention",
     doc="attention with + log(size) on every key's logits (size 0 masks a key), flash style; and the class row",
@@ -109,6 +123,7 @@ SPEC = register(PluginSpec(
     kernels="size_biased_attention",
     cases=_cases,
     intermediates=_intermediates,
+    margins=_margins,
 ))
 
 

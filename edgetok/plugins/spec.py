@@ -75,6 +75,10 @@ class PluginSpec:
     # (inputs, fields) -> {scratch region: expected array}: what each kernel must compute on the way, so
     # `plugins check` can name the kernel that goes wrong (regions hold only the leading meaningful entries)
     intermediates: Callable | None = None
+    # (inputs, fields) -> agreement.Margins: for a GPU, which sums in another order than the reference, how far
+    # each of the reference's decisions is from going the other way, and what its float results are summed
+    # from. None: no decision rests on float arithmetic, results compare exactly on any device
+    margins: Callable | None = None
     version: str = VERSION
     formats: tuple[str, ...] = ("linear",)
 

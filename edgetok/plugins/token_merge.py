@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetok.plugins.agreement import (Margins, argmax_margin, boundary_margin, least_margin, near_tie, noise,
+                                       order_margin)
 from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
 
 
@@ -95,6 +97,37 @@ def _intermediates(inputs: list[np.ndarray], f: dict) -> dict[str, list[np.ndarr
     return found
 
 
+def _margins(inputs: list[np.ndarray], f: dict) -> Margins:
+    """On a GPU, the reference's margin of each decision the kernels write (scores are cosines of unit
+    vectors, summed from magnitude 1: near ties within noise(1)): ``match`` <- the A token's best score over
+    its second best; ``rank`` <- its best score's distance to the nearest other A token's; ``kept`` and
+    ``sources`` (index lists, where one swap shifts the entries after it) <- per sample, the least of the
+    boundary at r (half the gap between the r-th and the (r+1)-th best score) and the margins of the orders
+    they are listed in. A sample is settled (its merged tokens compared) when no decision its merge rests on
+    is a near tie: which r merge, their matches, and without class_token the order of the others."""
+    _, metric, _ = inputs
+    tie = float(noise(1.0))
+    found: dict[str, list[np.ndarray]] = {k: [] for k in ("match", "rank", "kept", "sources")}
+    settled = []
+    for sample in np.asarray(metric, np.float64):
+        a_pos, b_pos = split(len(sample), f["prefix"])
+        unit = sample / np.linalg.norm(sample, axis=-1, keepdims=True)
+        scores = unit[a_pos] @ unit[b_pos].T
+        best = scores.max(axis=-1)
+        match, rank = argmax_margin(scores), order_margin(best)
+        order = np.argsort(-best, kind="stable")
+        merged, unmerged = order[:f["r"]], order[f["r"]:]
+        boundary = boundary_margin(best, f["r"])
+        listed = [boundary] if f["class_token"] else [boundary, rank[unmerged]]
+        found["match"].append(match)
+        found["rank"].append(rank)
+        found["kept"].append(np.full(len(unmerged), least_margin(*listed)))
+        found["sources"].append(np.full(len(merged), least_margin(boundary, match[merged], rank[merged])))
+        settled.append(not near_tie(least_margin(*listed, match[merged]), tie))
+    return Margins({name: (margins, tie) for name, margins in found.items()}, magnitude=1.0,
+                   settled=np.array(settled, bool))
+
+
 SPEC = register(PluginSpec(
     name="TokenMerge",
     doc="one ToMe step: bipartite matching on head-averaged keys, size-weighted merge of the r best pairs",
@@ -117,6 +150,7 @@ SPEC = register(PluginSpec(
     kernels="token_merge",
     cases=_cases,
     intermediates=_intermediates,
+    margins=_margins,
 ))
 
 

@@ -104,6 +104,7 @@ SPEC = register(PluginSpec(
     kernels="token_prune",
     cases=_cases,
     intermediates=_intermediates,
+    margins=None,  # its decisions are IEEE comparisons of its inputs, no arithmetic: exact on a GPU too
 ))
 
 
