@@ -8,6 +8,7 @@ own wall time, plus the fp16 conversion and its validation where that applies.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,24 +24,23 @@ def main() -> None:
     parser.add_argument("--batch", default="1:8:32")
     parser.add_argument("--targets", default="sm86,sm89,sm120")
     args = parser.parse_args()
-    rows = []
+    print(f"{args.model}, TensorRT-RTX AOT on this CPU, batch {args.batch}, targets {args.targets}", flush=True)
+    print("| model | precision | builder s | total s (incl. fp16 conversion, child start) | engine MB | network layers |")
+    print("|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, method in [("dense", dict(method="none")), ("tome r=13", dict(method="tome", r=13))]:
             onnx_path = Path(tmp) / f"{name.replace(' ', '_').replace('=', '')}.onnx"
+            print(f"· exporting {name}", file=sys.stderr, flush=True)
             export_vit(ViTExportOptions(model=args.model, output=str(onnx_path), **method))
             for precision in ("fp32", "fp16"):
+                print(f"· building {name} {precision} (minutes on a CPU)", file=sys.stderr, flush=True)
                 start = time.perf_counter()
                 report = build_engine(BuildOptions(onnx=str(onnx_path), backend="tensorrt-rtx", precision=precision,
                                                    batch=args.batch, targets=args.targets.split(",")))
                 total = time.perf_counter() - start
-                rows.append((name, precision, report["build_seconds"], total, report["engine"]["bytes"] / 1e6,
-                             report["network_layers"]["count"]))
-        version = report["backend"]["version"]
-    print(f"{args.model}, TensorRT-RTX {version} AOT on this CPU, batch {args.batch}, targets {args.targets}")
-    print("| model | precision | builder s | total s (incl. fp16 conversion, child start) | engine MB | network layers |")
-    print("|---|---|---|---|---|---|")
-    for name, precision, build_s, total_s, mb, layers in rows:
-        print(f"| {name} | {precision} | {build_s:.1f} | {total_s:.1f} | {mb:.1f} | {layers} |")
+                print(f"| {name} | {precision} | {report['build_seconds']:.1f} | {total:.1f} | "
+                      f"{report['engine']['bytes'] / 1e6:.1f} | {report['network_layers']['count']} |", flush=True)
+    print(f"TensorRT-RTX {report['backend']['version']}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The target: every fixed-count method >= 0.85 of its FLOPs bound at batch 8 on De
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from edgetok.vit.reduction import plan
 FRACTIONS = (0.65, 0.5)
 
 
+def say(message: str) -> None:
+    print(f"· {message}", file=sys.stderr, flush=True)
+
+
 def deit_speed(tmp: Path, duration: float, rounds: int) -> None:
     vit = load_vit("deit_small_patch16_224")
     dense = vit_macs(vit, plan(vit, None).tokens) / 1e9
@@ -33,10 +38,12 @@ def deit_speed(tmp: Path, duration: float, rounds: int) -> None:
         for method in METHODS:
             setting, gmacs = match(vit, method, fraction * dense)
             path = str(tmp / f"{method}_{fraction}.onnx")
+            say(f"exporting DeiT-S {_label(method, setting)}")
             export_vit(ViTExportOptions(model="deit_small_patch16_224", method=method, output=path, **setting))
             models.append(path)
             labels.append(f"{_label(method, setting)} ({gmacs:.2f} GMACs)")
     for batch in (8, 1):
+        say(f"profiling {len(models)} DeiT-S models at batch {batch}")
         result = profile(ProfileOptions(models=models, labels=labels, batch=batch, duration_s=duration, rounds=rounds))
         print(f"\nDeiT-S (random weights), ONNX Runtime CPU, batch {batch}, {rounds} interleaved rounds, medians")
         print(markdown(result["comparison"]))
@@ -55,7 +62,7 @@ def main() -> None:
         for batch in () if args.skip_digits else (8, 1):
             result = compare(CompareOptions(model=NAME, data=data, fractions=list(FRACTIONS), batch=batch,
                                             duration_s=args.duration, rounds=args.rounds,
-                                            output_dir=str(tmp / f"digits_b{batch}")))
+                                            output_dir=str(tmp / f"digits_b{batch}")), say)
             print(f"\n{NAME}, 539 held-out digits, ONNX Runtime CPU, batch {batch}, {args.rounds} interleaved rounds")
             print(markdown(result["comparison"]))
         if not args.skip_deit:

@@ -8,6 +8,7 @@ with dense, GMACs and ONNX Runtime CPU latency, all measured in this one run.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,19 @@ VARIANTS.update({f"gtp p={p}": dict(method="gtp", propagate=str(p)) for p in (2,
 VARIANTS.update({f"evit {k}": dict(method="evit", keep_rate=k) for k in (0.9, 0.7, 0.5)})
 
 
+def _round_progress(models: int, rounds: int):
+    """profile()'s progress callback: a stderr line as each interleaved round starts."""
+    seen = []
+
+    def tick(label: str, seconds: float) -> None:
+        if not seen or seen[-1] != label:
+            seen.append(label)
+            if len(seen) % models == 1 or models == 1:
+                print(f"· timing round {(len(seen) - 1) // models + 1}/{rounds}", file=sys.stderr, flush=True)
+
+    return tick
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -32,13 +46,17 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = digits.write_heldout_folder(Path(tmp) / "heldout")["path"]
-        paths = {}
+        paths, acc = {}, {}
         for name, opts in VARIANTS.items():
             out = Path(tmp) / f"{name.replace(' ', '_').replace('=', '')}.onnx"
             paths[name] = export_vit(ViTExportOptions(model=digits.NAME, output=str(out), **opts))["path"]
-        acc = {name: evaluate(EvalOptions(model=p, data=data, reference=paths["dense"])) for name, p in paths.items()}
+            acc[name] = evaluate(EvalOptions(model=paths[name], data=data, reference=paths["dense"]))
+            print(f"· {name}: top-1 {acc[name]['top1']:.2%}, agreement with dense "
+                  f"{acc[name]['reference']['top1_agreement']:.2%}", file=sys.stderr, flush=True)
+        print(f"· profiling {len(paths)} models, {args.rounds} interleaved rounds of {args.duration:g} s each",
+              file=sys.stderr, flush=True)
         result = profile(ProfileOptions(models=list(paths.values()), labels=list(paths), batch=args.batch,
-                                        duration_s=args.duration, rounds=args.rounds))
+                                        duration_s=args.duration, rounds=args.rounds), _round_progress(len(paths), args.rounds))
     print(f"{digits.NAME} ({digits.ASSET.name}, trained by tools/train_digits_vit.py), {acc['dense']['samples']} "
           f"held-out digits; ONNX Runtime CPU, batch {args.batch}, {args.rounds} interleaved rounds, medians")
     print("| model | top-1 | top-1 agreement with dense | GMACs | median ms | speedup | FLOPs bound |")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,17 +39,20 @@ def main() -> None:
         sessions, sidecars = {}, {}
         for name, opts in VARIANTS.items():
             out = Path(tmp) / f"{name.replace(' ', '_').replace('=', '')}.onnx"
+            print(f"· exporting {name}", file=sys.stderr, flush=True)
             sidecars[name] = export_vit(ViTExportOptions(model=args.model, output=str(out), **opts))
             sessions[name] = ort_session(str(out), args.threads)
         x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
         times = {name: [] for name in VARIANTS}
         for name, s in sessions.items():  # warm-up
             s.run(None, {"pixel_values": x})
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
             for name, s in sessions.items():
                 start = time.perf_counter()
                 s.run(None, {"pixel_values": x})
                 times[name].append(time.perf_counter() - start)
+            print(f"· round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()),
+                  file=sys.stderr, flush=True)
 
     dense = statistics.median(times["dense"])
     print(f"{args.model}, ONNX Runtime CPU, batch {args.batch}, threads {args.threads or 'all'}, spinning off, "

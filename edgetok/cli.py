@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -12,20 +13,152 @@ import click
 
 from edgetok import __version__
 from edgetok import recipe as recipes
-from edgetok.errors import EdgetokError
+from edgetok.errors import EdgetokError, os_error_message
 
 
-def _ints(value: str | None) -> list[int] | None:
+def _ints(value: str | None, option: str = "--keep-layers") -> list[int] | None:
     if value is None:
         return None
     try:
         return [int(v) for v in value.replace(" ", "").split(",") if v]
     except ValueError:
-        raise EdgetokError(f"--keep-layers {value!r} must be comma-separated block indices, e.g. 3,6,9") from None
+        raise EdgetokError(f"{option} {value!r} must be comma-separated block indices, e.g. 3,6,9") from None
 
 
 def _say(message: str) -> None:
     click.echo(f"· {message}", err=True)
+
+
+# Early refusals: what needs no model is checked before torch is imported or a model loads, so that a typo
+# costs a second, not the 10-20 s of loading one.
+MAX_EXPORT_BATCH = 64  # edgetok.vit.export.MAX_EXPORT_BATCH, which imports torch (a test keeps them equal)
+MIN_ATTENTION_BLOCK, MAX_ATTENTION_BLOCK = 16, 1024  # edgetok.plugins.block_sparse_attention's (a test, too)
+MAX_GTP_ALPHA = 1.0  # edgetok.vit.gtp.MAX_ALPHA (a test, too)
+
+
+def _flag(key: str) -> str:
+    """An export option as the command line spells it."""
+    return "-o" if key == "output" else "--" + key.replace("_", "-")
+
+
+def _recipe_key(recipe: str, section: str):
+    """A recipe's option, for its refusals: ``recipe NAME: export --keep-rate`` (the key keep_rate)."""
+    return lambda key: f"recipe {recipe}: {section} {_flag(key)}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_export_values(values, flag=_flag) -> None:
+    """The export options (flags, or a recipe's export: section) that can be refused without the model."""
+    if not isinstance(values, dict):
+        return  # recipes.section says what is wrong with the section itself
+    batch, keep_rate, checkpoint = values.get("batch"), values.get("keep_rate"), values.get("checkpoint")
+    if _number(batch) and not 1 <= batch <= MAX_EXPORT_BATCH:
+        raise EdgetokError(f"{flag('batch')} {batch} is out of range: give 1..{MAX_EXPORT_BATCH}. The export batch is "
+                           "only the example traced (the ONNX takes any batch; engines get theirs from build-engine "
+                           "--batch), so a large one only costs memory")
+    if _number(keep_rate) and not 0 < keep_rate <= 1:
+        raise EdgetokError(f"{flag('keep_rate')} {keep_rate} is out of range: give a value in (0, 1], e.g. 0.7")
+    if isinstance(checkpoint, str) and not Path(checkpoint).is_file():
+        what = "is a folder" if Path(checkpoint).is_dir() else "does not exist"
+        raise EdgetokError(f"{flag('checkpoint')} {checkpoint} {what}; give a .pth or .safetensors file")
+    if isinstance(values.get("output"), str) and Path(values["output"]).suffix != ".onnx":
+        raise EdgetokError(f"{flag('output')} {values['output']} must end in .onnx")
+    if isinstance(values.get("output"), str):
+        _check_output_place(values["output"], flag("output"))
+    sparsity = values.get("sparsity")
+    if _number(sparsity) and not 0 < sparsity <= 1:
+        raise EdgetokError(f"{flag('sparsity')} {sparsity} is out of range: give θ in (0, 1], the share of each head's "
+                           "attention kept (1 keeps all), e.g. 0.8")
+    budget = values.get("ats_budget")
+    if _number(budget) and not (math.isfinite(budget) and budget > 0 and (budget <= 1 or budget == int(budget))):
+        raise EdgetokError(f"{flag('ats_budget')} {budget} must be a token count (an integer, e.g. 100) or a fraction "
+                           "in (0, 1], e.g. 0.5")
+    alpha = values.get("alpha")
+    if _number(alpha) and not 0 <= alpha <= MAX_GTP_ALPHA:
+        raise EdgetokError(f"{flag('alpha')} {alpha} must be a finite number >= 0 and <= {MAX_GTP_ALPHA:g}: the weight "
+                           "of the propagated tokens (a kept token's own is 1), e.g. 0.1")
+    _check_attention_values(values, flag)
+    if values.get("method") == "dtome" and isinstance(values.get("calibrate"), str):
+        _check_image_folder(values["calibrate"], flag("calibrate"), "train")
+
+
+def _check_attention_values(values: dict, flag) -> None:
+    """Every --attention-* option's range, before a model loads (the block against the model's token count is
+    checked once the model is known: edgetok.vit.attention.Sparsity.check)."""
+    block, mass, keep = values.get("attention_block"), values.get("attention_mass"), values.get("attention_keep")
+    if _number(block) and not (isinstance(block, int) and MIN_ATTENTION_BLOCK <= block <= MAX_ATTENTION_BLOCK
+                               and not block & (block - 1)):
+        raise EdgetokError(f"{flag('attention_block')} {block} must be a power of two >= {MIN_ATTENTION_BLOCK} and <= "
+                           f"{MAX_ATTENTION_BLOCK} (the kernel's tile .. one block for any ViT's tokens), e.g. 64")
+    if _number(mass) and not 0 < mass <= 1:
+        raise EdgetokError(f"{flag('attention_mass')} {mass} must be in (0, 1], e.g. 0.95 (1: dense)")
+    if _number(keep) and not 0 <= keep <= 1:
+        raise EdgetokError(f"{flag('attention_keep')} {keep} must be in (0, 1], a fraction of the key blocks (or 0: "
+                           "select by --attention-mass)")
+    if _number(keep) and keep > 0 and mass is not None:
+        raise EdgetokError(f"give {flag('attention_keep')} or {flag('attention_mass')}, not both: a fraction of key "
+                           "blocks replaces the mass (the mass would be ignored)")
+
+
+def _check_output_place(path: str, option: str) -> None:
+    """Where an output goes, before the work that makes it: not under a regular file, not in a kernel
+    pseudo-filesystem (/proc, /sys), where creating it fails only after the export or build."""
+    absolute = os.path.abspath(path)
+    if absolute.split("/")[1:2] in (["proc"], ["sys"]):
+        raise EdgetokError(f"{option} {path} is in /{absolute.split('/')[1]}, a kernel pseudo-filesystem where edgetok "
+                           "cannot write; give an ordinary folder")
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise EdgetokError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
+
+
+def _check_image_folder(path: str, option: str, split: str) -> None:
+    """An image folder to read (``split``: train to calibrate on, heldout to evaluate on); a missing digits
+    split names the command that writes it."""
+    folder = Path(path)
+    if folder.is_dir():
+        return
+    what = "is not a folder: " + ("it is a file" if folder.exists() else "it does not exist")
+    if "digits" in folder.name:
+        fix = (f"write it with `edgetok data digits --split {split}"
+               + ("" if folder == Path(f"edgetok-out/digits-{split}") else f" -o {path}") + "`")
+    else:
+        fix = "give an ImageFolder (one subfolder of images per class)" + (
+            " of training images, not the ones you evaluate on" if split == "train" else "")
+    raise EdgetokError(f"{option} {path} {what}; {fix}")
+
+
+def _check_checkpoint(checkpoint: str | None) -> None:
+    _check_export_values({"checkpoint": checkpoint})
+
+
+def _gpu_problem() -> str | None:
+    """Why no CUDA GPU can run anything here (None: the driver sees one), asked of the driver itself through
+    ctypes: no torch import, no runtime, no model load before a GPU option is refused."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver here (libcuda.so.1 is not found)"
+    count = ctypes.c_int(0)
+    status = driver.cuInit(0)
+    if status == 0:
+        status = driver.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0 or count.value < 1:
+        return "the NVIDIA driver sees no GPU" + (f" (CUDA error {status})" if status else "")
+    return None
+
+
+def _require_gpu(device: str) -> None:
+    problem = _gpu_problem()
+    if problem:
+        raise EdgetokError(f"--device {device}: {problem}; run on a machine with an NVIDIA GPU, or use --device cpu")
 
 
 @click.group()
@@ -43,17 +176,18 @@ def export(ctx: click.Context, recipe: str | None) -> None:
         if recipe:
             raise EdgetokError("give either --recipe or a subcommand (vit), not both")
         return
-    from edgetok.vit.export import ViTExportOptions, export_vit, summary
-
     name = recipe or recipes.DEFAULT
     data = recipes.load(name, _say)
+    _check_export_values(data.get("export"), _recipe_key(name, "export"))
+    from edgetok.vit.export import ViTExportOptions, export_vit, summary
+
     values = recipes.section(data, "export", ViTExportOptions.fields() | {"kind"}, name)
     kind = values.pop("kind", "vit")
     if kind != "vit":
         raise EdgetokError(f"recipe {name}: export.kind {kind!r} is not supported; use 'vit'")
     for key in ("keep_layers", "ats_blocks"):
         if isinstance(values.get(key), str):
-            values[key] = _ints(values[key])
+            values[key] = _ints(values[key], _recipe_key(name, "export")(key))
     click.echo(summary(export_vit(ViTExportOptions(**values), _say)))
 
 
@@ -79,6 +213,12 @@ def export(ctx: click.Context, recipe: str | None) -> None:
               "(default 0.01,0.7; 0,inf keeps every head).")
 @click.option("--similarity-share", type=float, help="zerotprune: share of each block's r pruned by similarity (S stage) "
               "rather than importance, in [0, 1] (default 0.5).")
+@click.option("--pitome-variant", type=click.Choice(["reference", "protected"]),
+              help="pitome: reference (the authors' current DeiT patch: bsm merging in the first half, margin "
+                   "0.75-0.75*l/L, default) or protected (energy-protected merging everywhere, 0.9-0.8*l/L, "
+                   "proportional attention).")
+@click.option("--sparsity", type=float, help="gtp: θ, the share of each head's attention probabilities kept in "
+              "every block (the rest set to 0), in (0, 1] (default 1: all).")
 @click.option("--img-size", type=int, help="Input resolution (a multiple of the patch size).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch for export (batch stays dynamic).")
 @click.option("--opset", type=int, default=17, show_default=True)
@@ -94,18 +234,24 @@ def export(ctx: click.Context, recipe: str | None) -> None:
 @click.option("--attention-keep", type=float, help="sparse: keep this fraction of key blocks instead of a mass.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
 def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
-                   cap, propagate, alpha, graph, head_variance, similarity_share, img_size, batch, opset,
+                   cap, propagate, alpha, graph, head_variance, similarity_share, pitome_variant, sparsity, img_size,
+                   batch, opset,
                    allow_unsupported_ops, plugins, attention, attention_block, attention_mass, attention_keep,
                    output) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
+    _check_export_values(dict(batch=batch, keep_rate=keep_rate, checkpoint=checkpoint, output=output, method=method,
+                              calibrate=calibrate, sparsity=sparsity, ats_budget=ats_budget, alpha=alpha,
+                              attention_block=attention_block, attention_mass=attention_mass,
+                              attention_keep=attention_keep))
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
     opts = ViTExportOptions(
         model=model, checkpoint=checkpoint, method=method, r=r, r_schedule=r_schedule, keep_rate=keep_rate,
-        keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks),
+        keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks, "--ats-blocks"),
         ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
         calibrate=calibrate, cap=cap, propagate=propagate, alpha=alpha, graph=graph,
-        head_variance=head_variance, similarity_share=similarity_share, img_size=img_size, batch=batch,
+        head_variance=head_variance, similarity_share=similarity_share, pitome_variant=pitome_variant,
+        sparsity=sparsity, img_size=img_size, batch=batch,
         opset=opset, output=output,
         allow_unsupported_ops=allow_unsupported_ops, plugins=plugins, attention=attention,
         attention_block=attention_block, attention_mass=attention_mass, attention_keep=attention_keep,
@@ -126,6 +272,13 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
               help="TensorRT: timing cache to load/save; RTX: runtime cache for the JIT.")
 @click.option("--plugins", multiple=True, help="Plugin library (.so) to load; repeatable.")
+@click.option("--plugin-lib", type=click.Path(dir_okay=False),
+              help="edgetok's C++ plugin library for the graph's edgetok nodes (default: the one `edgetok plugins "
+                   "build --lib` wrote for this platform, if any).")
+@click.option("--python-plugins", is_flag=True,
+              help="Build edgetok's plugin nodes with the Python plugin classes (development; Python runtimes only).")
+@click.option("--serialize-plugins", is_flag=True,
+              help="Put the C++ plugin library into the engine (TensorRT's plugins to serialize): the engine alone runs.")
 @click.option("--dla-core", type=int, help="Jetson: build for this DLA core (GPU fallback on).")
 @click.option("--recipe", help="Build the ONNX of a recipe's export section with its build: section.")
 @click.option("--allow-recipe-plugins", is_flag=True,
@@ -135,7 +288,8 @@ def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_lay
 @click.option("--tokens", type=int, default=16, show_default=True,
               help="PAIR: lookahead tree size; the tree variant's profile favours it.")
 def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace, opt_level, targets, timing_cache,
-                     plugins, dla_core, recipe, allow_recipe_plugins, k, tokens) -> None:
+                     plugins, plugin_lib, python_plugins, serialize_plugins, dla_core, recipe, allow_recipe_plugins, k,
+                     tokens) -> None:
     """Build a TensorRT or TensorRT-RTX engine from MODEL (.onnx) in a child process, or every decoder of a
     speculative-decoding pair folder (KV-cache shape profiles from its manifest)."""
     from edgetok.engine.build import build_engine, progress, summary
@@ -144,7 +298,8 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
 
     values = dict(output=output, backend=backend, precision=precision, batch=batch, shapes=list(shapes),
                   workspace=workspace, opt_level=opt_level, targets=parse_targets(list(targets)),
-                  timing_cache=timing_cache, plugins=list(plugins), dla_core=dla_core)
+                  timing_cache=timing_cache, plugins=list(plugins), dla_core=dla_core, plugin_lib=plugin_lib,
+                  python_plugins=python_plugins or None, serialize_plugins=serialize_plugins or None)
     values = {k: v for k, v in values.items() if v not in (None, [])}  # what the command line set
     if recipe:
         if model:
@@ -153,6 +308,9 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
     elif not model:
         raise EdgetokError("give the ONNX model to build (e.g. edgetok-out/model.onnx) or --recipe NAME")
     elif engines.is_pair(model):
+        if values.get("precision", "fp32") != "fp32":
+            raise EdgetokError(f"--precision {values['precision']}: build-engine PAIR builds fp32 engines only (the fp16 "
+                               "conversion of these decoders is a graph ONNX Runtime will not load); drop --precision")
         with progress(sys.stderr.isatty()) as say:
             built = engines.build_pair(model, BuildOptions(onnx=model, **values), k, tokens, say)
         click.echo(engines.summary(built))
@@ -164,19 +322,21 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
 
 def _recipe_build(name: str, cli_values: dict, allow_plugins: bool = False) -> tuple[str, dict]:
     """The recipe's export output (exported first if missing) and its build: section under CLI flags."""
+    data = recipes.load(name, _say)
+    _check_recipe_paths(data, name)
     from edgetok.engine.options import BuildOptions, parse_targets
     from edgetok.vit.export import ViTExportOptions, default_output
 
-    data = recipes.load(name, _say)
     exported = recipes.section(data, "export", ViTExportOptions.fields() | {"kind"}, name)
     exported.pop("kind", None)
     export_opts = ViTExportOptions(**exported)
     onnx_path = Path(export_opts.output) if export_opts.output else default_output(export_opts)
     build = recipes.section(data, "build", set(BuildOptions.__dataclass_fields__) - {"onnx"}, name) \
         if "build" in data else {}
-    if build.get("plugins") and not allow_plugins:
+    if (build.get("plugins") or build.get("plugin_lib")) and not allow_plugins:
         raise EdgetokError(
-            f"recipe {name} asks to load plugin libraries {build['plugins']}; native code loads only from --plugins "
+            f"recipe {name} asks to load plugin libraries {build.get('plugins') or build['plugin_lib']}; native code "
+            "loads only from --plugins or --plugin-lib "
             "on the command line, or pass --allow-recipe-plugins if you trust this recipe"
         )
     if "targets" in build:
@@ -188,6 +348,14 @@ def _recipe_build(name: str, cli_values: dict, allow_plugins: bool = False) -> t
         if "targets" in data["quantize"] and "targets" not in merged:
             merged["targets"] = parse_targets(list(data["quantize"]["targets"]))
     return str(onnx_path), merged
+
+
+def _check_recipe_paths(data: dict, recipe: str) -> None:
+    """A recipe's export and quantize values that need no model, before anything is imported or exported."""
+    _check_export_values(data.get("export"), _recipe_key(recipe, "export"))
+    calibrate = (data.get("quantize") or {}).get("calibrate") if isinstance(data.get("quantize"), dict) else None
+    if isinstance(calibrate, str):
+        _check_image_folder(calibrate, _recipe_key(recipe, "quantize")("calibrate"), "train")
 
 
 def _ensure_quantized(data: dict, recipe: str, source: Path, echo: bool = False) -> Path:
@@ -250,7 +418,8 @@ def _ensure_export(opts, out: Path, label: str, echo: bool = False) -> None:
               help="--host: stop the remote profile (and remove its folder) after this many seconds (default 3600).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="edgetok-out/profile", show_default=True,
               help="Where profile.json, profile.md and profile.png go.")
-@click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the JSON report exactly here.")
+@click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the JSON report exactly here "
+              "(- or a stream such as /dev/stdout: written into it, the summary then goes to stderr).")
 @click.option("--pair", is_flag=True, help="MODELS is one speculative-decoding pair folder: profile generation.")
 @click.option("--k", type=int, default=4, show_default=True, help="--pair: tokens the draft proposes per round.")
 @click.option("--adaptive-k", is_flag=True, help="--pair: adapt k to the acceptance.")
@@ -265,9 +434,15 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
     """Latency statistics (trtexec-grade) for one or more models, compared side by side."""
     from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
 
+    if report_json:
+        from edgetok import atomic
+
+        atomic.check_report(report_json)  # a link or a folder there: refused before the timing, not after
     if pair:
         if host:
             raise EdgetokError("--pair --host is not supported yet; run edgetok profile --pair on the Jetson itself")
+        if device == "cuda":
+            _require_gpu(device)
         _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads or 0, Path(output_dir), report_json,
                       modes.split(",") if modes else None, ngram, branches, tokens, backend or "onnxruntime")
         return
@@ -283,10 +458,18 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
              "iterations": iterations, "rounds": rounds, "threads": threads}
     given = {key: value for key, value in given.items() if value is not None}  # what the command line set
     labels: list[str] = []
+    data = {}
     if recipe:
         if models:
             raise EdgetokError("give either MODELS or --recipe, not both")
-        models, labels, prof = _recipe_models(recipe)
+        data = recipes.load(recipe, _say)
+        _check_recipe_paths(data, recipe)
+    if not host:  # before a recipe exports anything; a remote machine is checked there
+        planned = data.get("profile") if isinstance(data.get("profile"), dict) else {}
+        _check_gpu_options(device or planned.get("device") or "cpu", backend or planned.get("backend") or "auto",
+                           ["recipe.onnx"] if recipe else list(models), cuda_graphs)  # a recipe profiles ONNX
+    if recipe:
+        models, labels, prof = _recipe_models(recipe, data)
         renamed = {"duration": "duration_s", "warmup": "warmup_ms"}
         given = {**{renamed.get(key, key): value for key, value in prof.items()}, **given}  # flags win
     opts = ProfileOptions(models=list(models), ep=ep, inputs=inputs, cuda_graphs=cuda_graphs,
@@ -299,10 +482,10 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
         result = _with_progress(lambda tick: profile(opts, tick), len(models) * opts.duration_s)
     paths = write_reports(result, Path(output_dir))
     if report_json:
-        from edgetok import sidecar
+        from edgetok import atomic
 
-        sidecar.write(report_json, result)
-    click.echo(summary(result))
+        atomic.write_report(report_json, json.dumps(result, indent=2) + "\n")  # `-`: stdout holds the JSON alone
+    click.echo(summary(result), err=bool(report_json) and atomic.to_stdout(report_json))
     _say(f"reports: {', '.join(str(p) for p in paths)}")
 
 
@@ -323,8 +506,8 @@ def _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads: int, o
     sidecar.write(out_dir / "pair_profile.json", report)
     atomic.write_text(out_dir / "pair_profile.md", f"# edgetok pair profile\n\n{markdown(report)}\n")
     if report_json:
-        sidecar.write(report_json, report)
-    click.echo(markdown(report))
+        atomic.write_report(report_json, json.dumps(report, indent=2) + "\n")
+    click.echo(markdown(report), err=bool(report_json) and atomic.to_stdout(report_json))
 
 
 def _with_progress(work, total_seconds: float):
@@ -338,10 +521,26 @@ def _with_progress(work, total_seconds: float):
         return work(lambda label, seconds: bar.update(task, advance=seconds, description=f"profiling {label}"))
 
 
-def _recipe_models(recipe: str) -> tuple[list[str], list[str], dict]:
+def _check_gpu_options(device: str, backend: str, models: list[str], cuda_graphs: bool | None) -> None:
+    """--device and --cuda-graphs against the runners the models get and this machine, before a runtime is
+    imported or a model loads."""
+    from edgetok.runtime.runners import ENGINE_SUFFIXES
+
+    kinds = {"engine" if Path(m).suffix in ENGINE_SUFFIXES else "onnx" if m.endswith(".onnx") else "name"
+             for m in models}
+    if cuda_graphs and device == "cpu":
+        raise EdgetokError("--cuda-graphs replays GPU work and --device cpu runs none: drop --cuda-graphs, or profile "
+                           "with --device cuda")
+    if cuda_graphs and (backend == "onnxruntime" or backend == "auto" and "onnx" in kinds):
+        raise EdgetokError("--cuda-graphs: ONNX Runtime runs without CUDA graphs here (edgetok captures engines and "
+                           "--backend torch): drop --cuda-graphs, or profile an engine from `edgetok build-engine`")
+    if device == "cuda" and (backend == "torch" or backend == "auto" and "name" in kinds):
+        _require_gpu(device)  # PyTorch would load the model first; the other runners ask for the GPU up front
+
+
+def _recipe_models(recipe: str, data: dict) -> tuple[list[str], list[str], dict]:
     from edgetok.vit.export import ViTExportOptions
 
-    data = recipes.load(recipe, _say)
     variants, prof = recipes.profile_plan(data, recipe)
     models, labels = [], []
     for label, values in variants:
@@ -372,8 +571,8 @@ def export_spec_pair_cmd(target, draft, output) -> None:
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--mode", type=click.Choice(["target", "speculative", "lookahead", "prompt-lookup"]),
-              default="speculative", show_default=True,
-              help="lookahead / prompt-lookup: draft-free, proposals from the prompt and output so far.")
+              help="Default: speculative, or lookahead for a pair without a draft (--draft none). "
+                   "lookahead / prompt-lookup: draft-free, proposals from the prompt and output so far.")
 @click.option("--k", type=int, default=4, show_default=True, help="Tokens the draft proposes per round.")
 @click.option("--ngram", type=int, default=4, show_default=True,
               help="lookahead / prompt-lookup: the longest tail of the text matched against what came before.")
@@ -393,8 +592,15 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branc
     """Generate with the target alone, with speculative decoding, or draft-free (lookahead, prompt lookup): lossless."""
     import json
 
+    from edgetok.llm.pair import default_mode, read_manifest
     from edgetok.llm.runtime import generate
 
+    if seed < 0:
+        raise EdgetokError(f"--seed {seed} must be >= 0 (a NumPy random seed), e.g. 0")
+    if mode is None:
+        mode = default_mode(read_manifest(pair))
+        if mode != "speculative":
+            _say(f"--mode {mode}: {pair} has no draft model (exported with --draft none)")
     ids = None
     if prompt_ids is not None:
         try:
@@ -425,6 +631,12 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branc
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: MODEL_<mode>.onnx).")
 def quantize_cmd(model, mode, calibrate, samples, output, targets) -> None:
     """Quantize an edgetok ViT export's own layers to INT8 or FP8 Q/DQ, every reduction step left in float."""
+    if not Path(model).exists():
+        raise EdgetokError(f"{model} does not exist; quantize an `edgetok export vit` output, e.g. "
+                           "edgetok-out/digits_vit_tome_r8.onnx from `edgetok export`")
+    _check_image_folder(calibrate, "--calibrate", "train")
+    if output:
+        _check_output_place(output, "-o")
     from edgetok.engine.options import parse_targets
     from edgetok.vit.quantize import QuantizeOptions, quantize, summary
 
@@ -447,18 +659,45 @@ def quantize_cmd(model, mode, calibrate, samples, output, targets) -> None:
 def compare_cmd(model, data, checkpoint, methods, fractions, batch, duration, rounds, output_dir) -> None:
     """Every fixed-count method on MODEL at matched GMACs: exported, evaluated against dense and profiled
     through the same path, in one table (profile.md, and printed) and one plot (profile.png)."""
-    from edgetok.profile.profiler import summary
-    from edgetok.vit.comparison import CompareOptions, compare
-
+    _check_checkpoint(checkpoint)
+    _check_image_folder(data, "--data", "heldout")
     try:
         shares = [float(f) for f in fractions.split(",")]
     except ValueError:
         raise EdgetokError(f"--fractions {fractions!r} is not a list of numbers, e.g. 0.65,0.5") from None
+    _check_compare_values(data, methods.split(","), shares, batch, duration, rounds)
+    _check_output_place(str(Path(output_dir) / "profile.json"), "-o")
+    from edgetok.profile.profiler import summary
+    from edgetok.vit.comparison import CompareOptions, compare
+
     result = compare(CompareOptions(model=model, data=data, checkpoint=checkpoint, methods=methods.split(","),
                                     fractions=shares, batch=batch, duration_s=duration, rounds=rounds,
                                     output_dir=output_dir), _say)
     click.echo(summary(result).split("\n\n")[0])
     click.echo("wrote " + ", ".join(result["report_files"]))
+
+
+def _check_compare_values(data: str, methods: list[str], shares: list[float], batch: int, duration: float,
+                          rounds: int) -> None:
+    """compare's options and its images, before the variants are exported and evaluated (minutes)."""
+    from edgetok.vit.comparison import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EdgetokError(f"--methods {','.join(unknown)}: compare matches {', '.join(METHODS)} (ATS and dtome keep a "
+                           "count that follows the image: evaluate them with edgetok eval)")
+    bad = [f for f in shares if not 0 < f < 1]
+    if bad:
+        raise EdgetokError(f"--fractions {bad[0]} must be in (0, 1): a share of the dense model's GMACs, e.g. 0.65")
+    if batch < 1:
+        raise EdgetokError(f"--batch {batch} must be >= 1 (the profiling batch), e.g. 8")
+    if not 0 <= duration < math.inf:
+        raise EdgetokError(f"--duration {duration} must be a finite number of seconds >= 0, e.g. 2")
+    if rounds < 1:
+        raise EdgetokError(f"--rounds {rounds} must be >= 1, e.g. 3")
+    from edgetok.images import walk
+
+    walk(data, "--data")  # an empty folder, a class without images, a link loop: refused in one line
 
 
 @cli.command("eval")
@@ -471,6 +710,8 @@ def compare_cmd(model, data, checkpoint, methods, fractions, batch, duration, ro
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> None:
     """Top-1/top-5 of MODEL (.onnx, engine or timm name) on an ImageFolder, with its own preprocessing."""
+    _check_checkpoint(checkpoint)
+    _check_image_folder(data, "--data", "heldout")
     import json
 
     from edgetok.vit.evaluate import EvalOptions, evaluate
@@ -486,12 +727,17 @@ def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> 
     line = f"{model}: top-1 {result['top1']:.2%}"
     line += f", top-5 {result['top5']:.2%}" if result["top5"] is not None else ""
     line += f" on {result['samples']} images ({result['classes']} classes)"
+    if result.get("skipped"):  # links back into the folder, repeats, special files: read once, by real location
+        skipped = result["skipped"]
+        line += f", {skipped} {'link or repeat' if skipped == 1 else 'links or repeats'} passed over"
     if result.get("tokens_kept"):
         line += "; tokens kept after blocks " + ", ".join(f"{b}: mean {t['mean']:.1f} [{t['min']}-{t['max']}]"
                                                           for b, t in result["tokens_kept"].items())
     if result.get("attention_kept"):
-        kept = [t["mean"] for t in result["attention_kept"].values()]
-        line += f"; attention block pairs kept: mean {sum(kept) / len(kept):.1%} over {len(kept)} blocks"
+        kept = result["attention_kept"]
+        line += (f"; attention block pairs kept: mean {sum(t['mean'] for t in kept.values()) / len(kept):.1%} "
+                 "(per block: " + ", ".join(f"{b}: {t['mean']:.1%} [{t['min']:.1%}-{t['max']:.1%}]"
+                                             for b, t in kept.items()) + ")")
     if result.get("gmacs"):
         g = result["gmacs"]
         line += f"; GMACs per image: mean {g['mean']:.4f} [{g['min']:.4f}-{g['max']:.4f}]"
@@ -548,7 +794,7 @@ def plugins_check_cmd(device) -> None:
     from edgetok.plugins.check import run_checks, summary
 
     results = run_checks(device, _say)
-    click.echo(summary(results))
+    click.echo(summary(results, device))
     if not all(r.passed for r in results):
         raise click.exceptions.Exit(1)
 
@@ -556,11 +802,28 @@ def plugins_check_cmd(device) -> None:
 @plugins.command("build")
 @click.option("--arch", "archs", default="all", show_default=True,
               help="GPU architectures, e.g. sm87,sm110: sm87 Orin, sm110 Thor, sm86/sm89/sm120 RTX, sm90 H200.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write a bundle (.cubins.zip) here.")
-def plugins_build_cmd(archs, output) -> None:
-    """Compile every kernel ahead of time (no GPU needed) into cubins and a manifest."""
+@click.option("-o", "--output", type=click.Path(), help="Also write a bundle (.cubins.zip) here; with --lib, the "
+              "folder for libedgetok_plugins.so (default: $EDGETOK_CACHE/plugins/<platform>, where build-engine looks).")
+@click.option("--lib", is_flag=True, help="Build the C++ plugin library libedgetok_plugins.so (host g++, no nvcc) "
+              "for trtexec, Triton Server, DeepStream, C++ programs and edgetok build-engine.")
+@click.option("--platform", "target_platform", type=click.Choice(["x86_64", "aarch64"]),
+              help="--lib: the CPU the library runs on (default: this machine's); aarch64 cross-compiles for Jetson.")
+@click.option("--tensorrt-include", type=click.Path(file_okay=False),
+              help="--lib: TensorRT's include folder (default: $TENSORRT_INCLUDE_DIR, an installed TensorRT, "
+                   "else the 10.14 headers tools/setup.sh unpacked).")
+def plugins_build_cmd(archs, output, lib, target_platform, tensorrt_include) -> None:
+    """Compile every kernel ahead of time (no GPU needed) into cubins and a manifest; with --lib, also the C++
+    plugin library that embeds them."""
     from edgetok.plugins import cubins
 
+    if lib:
+        from edgetok.plugins import library
+
+        click.echo(library.describe(library.build(output, cubins.parse_archs(archs), target_platform,
+                                                  tensorrt_include, _say)))
+        return
+    if target_platform or tensorrt_include:
+        raise EdgetokError("--platform and --tensorrt-include choose how the C++ library is built; add --lib")
     chosen = cubins.parse_archs(archs)
     if output and not output.endswith(".cubins.zip"):
         raise EdgetokError(f"-o {output} should end in .cubins.zip (engines and ONNX files look for NAME.cubins.zip "
@@ -570,7 +833,8 @@ def plugins_build_cmd(archs, output) -> None:
     else:
         folder = cubins.build(chosen, _say)
         manifest = cubins.restrict(json.loads((folder / cubins.MANIFEST).read_text()), chosen)
-        _say(f"cubins in {folder}")
+        _say(f"cubins in the cache {folder}; no bundle written: -o NAME.cubins.zip writes one to put beside an "
+             "ONNX or engine")
     click.echo(cubins.describe(manifest))
 
 
@@ -616,6 +880,10 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("EDGETOK_DEBUG"):
             raise
+        ordinary = os_error_message(exc) if isinstance(exc, OSError) else None
+        if ordinary:  # a folder we may not write, a file in the way, a full disk: the user's to fix
+            click.echo(f"error: {ordinary}", err=True)
+            return 1
         click.echo(f"error: internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                    "(rerun with EDGETOK_DEBUG=1 for the traceback, and please report it)", err=True)
         return 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -10,7 +9,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from edgetok import __version__
+from edgetok import __version__, atomic
 from edgetok.atomic import write_text
 from edgetok.errors import EdgetokError
 
@@ -22,27 +21,17 @@ def sidecar_path(artifact: str | Path) -> Path:
     return artifact.with_name(artifact.stem + SUFFIX)
 
 
-@contextlib.contextmanager
 def locked(artifact: str | Path):
-    """Serialise read-modify-write of an artifact's sidecar (and its replacement by a new export) across
-    processes. As huggingface_hub keeps its locks in the cache's ``.locks`` folder, ours live in
-    ``$XDG_CACHE_HOME/edgetok/locks`` (one per sidecar path), so nothing appears beside the artifacts."""
-    import os
-
-    from filelock import FileLock
-
-    path = str(sidecar_path(artifact).resolve())
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetok" / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / f"{hashlib.sha256(path.encode()).hexdigest()[:32]}.lock")):
-        yield
+    """Serialise read-modify-write of an artifact's sidecar and the publishing of a new export of it across
+    processes: the artifact's lock (``atomic.locked``), which ``atomic.publish`` holds while it renames."""
+    return atomic.locked(artifact)
 
 
 def update(artifact: str | Path, change):
     """Read, change and write an artifact's sidecar as one step no other edgetok process can interleave with.
     ``change(data)`` edits ``data`` in place and returns None, or returns a reason to leave the file as it is."""
     with locked(artifact):
-        data = read(artifact)
+        data = read(artifact, verify=False)  # ``change`` decides about a sidecar of another file (eval's does)
         reason = change(data)
         if reason is None:
             write(sidecar_path(artifact), data)
@@ -65,6 +54,28 @@ def request_mismatch(record_path: Path, want: dict, what: str) -> tuple[dict | N
     if differ:
         return None, "; ".join(f"{k} was {have.get(k)!r}, now {want[k]!r}" for k in differ[:3])
     return record, None
+
+
+def keep_accuracy(artifact: str | Path, data: dict) -> bool:
+    """Copy into ``data`` (the sidecar a new export of ``artifact`` is about to publish) the ``accuracy`` an
+    earlier `edgetok eval` recorded for the file it replaces, when the two ONNX files are byte-identical and
+    preprocessed alike: the evaluation holds for the bytes, and re-exporting the same model must not forget it.
+    Call under ``locked(artifact)``; returns whether it was kept."""
+    path = sidecar_path(artifact)
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, OSError):
+        return False
+    if not isinstance(old, dict) or not old.get("accuracy"):
+        return False
+    sha = (data.get("onnx") or {}).get("sha256")
+    if not sha or (old.get("onnx") or {}).get("sha256") != sha or old.get("preprocessing") != data.get("preprocessing"):
+        return False
+    weights = (data.get("request") or {}).get("weights_sha256")
+    if (data.get("onnx") or {}).get("external_data") and (not weights or (old.get("request") or {}).get("weights_sha256") != weights):
+        return False  # the hash covers only the .onnx, not the weights file beside it
+    data["accuracy"] = old["accuracy"]
+    return True
 
 
 def file_sha256(path: str | Path) -> str:
@@ -91,7 +102,20 @@ def stamp(data: dict) -> dict:
 
 
 def write(path: str | Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(strict(data), indent=2, allow_nan=False) + "\n")
+
+
+def strict(value):
+    """``value`` as strict JSON can hold it: JSON has no infinity or NaN (Python would write the non-standard
+    tokens Infinity and NaN, which other readers refuse), so a non-finite number is written as the string
+    "inf", "-inf" or "nan", which float() reads back (zerotprune's --head-variance 0,inf records [0.0, "inf"])."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
 
 
 def load(path: Path, remedy: str) -> dict:
@@ -102,8 +126,31 @@ def load(path: Path, remedy: str) -> dict:
         raise EdgetokError(f"{path} is not valid JSON ({exc}); {remedy}") from None
 
 
-def read(artifact: str | Path) -> dict:
+def read(artifact: str | Path, verify: bool = True) -> dict:
+    """An artifact's sidecar, refused in one line when the model SHA-256 it records is not the model's: a
+    publish interrupted between two renames, or files copied from two exports, must not lend one model's
+    GMACs, accuracy or preprocessing to another."""
     path = sidecar_path(artifact)
     if not path.is_file():
         raise EdgetokError(f"{artifact} has no sidecar {path.name}; export it with `edgetok export`")
-    return load(path, "re-export the model")
+    data = load(path, "re-export the model")
+    recorded = (data.get("onnx") or {}).get("sha256") if isinstance(data, dict) else None
+    if verify and isinstance(recorded, str) and Path(artifact).is_file():
+        actual = _cached_sha256(Path(artifact))
+        if actual != recorded:
+            raise EdgetokError(f"{path} records the SHA-256 {recorded[:12]}... but {artifact} is {actual[:12]}...: the "
+                               "sidecar describes another model (an interrupted publish, or files of two exports); "
+                               "export the model again")
+    return data
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def _cached_sha256(path: Path) -> str:
+    """file_sha256, once per file version: profile and eval read a model's sidecar several times."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]

@@ -86,6 +86,7 @@ def digits(tmp_path_factory):
     return np.stack([dataset[i][0].numpy() for i in range(0, 40 * 13, 13)])  # 40 images across the classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, 0.6])
 def test_a_padded_batch_equals_its_images_one_by_one(budget, digits):
     vit = _digits_ats(budget)
@@ -98,6 +99,7 @@ def test_a_padded_batch_equals_its_images_one_by_one(budget, digits):
     assert (batched - alone).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [1.0, 0.6])
 def test_patched_model_equals_the_reference_forward(budget, digits):
     """The patched model (float64, a padded batch) equals the reference's forward run image by image as loops
@@ -143,6 +145,7 @@ def test_hugging_face_vit_attends_with_the_policy_softmax():
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_export_equals_pytorch_on_real_images(tmp_path, digits):
     side = export_vit(ViTExportOptions(model="edgetok_digits_vit", method="ats", ats_blocks=EVERY_BLOCK,
                                        output=str(tmp_path / "a.onnx")))
@@ -170,6 +173,7 @@ def test_bad_ats_options_are_one_line(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_ats_export_builds_with_tensorrt_rtx_and_eval_counts_tokens(capsys, tmp_path, digits, monkeypatch):
     import json
 
@@ -242,6 +246,7 @@ def test_engine_with_data_dependent_shapes_refuses_cuda_graphs(tmp_path):
         TensorRTEngineRunner(str(engine), "tensorrt_rtx", 1, True, None)
 
 
+@pytest.mark.slow
 def test_profile_with_an_image_folder_records_tokens_kept(capsys, tmp_path):
     import json
 
@@ -323,6 +328,7 @@ def test_default_blocks_come_from_the_model_else_the_reference_config_scaled():
     assert (given.blocks, given.source) == ([2], "--ats-blocks")
 
 
+@pytest.mark.slow
 def test_count_outputs_equal_the_padded_sizes_in_onnx_runtime(tmp_path, digits):
     """The per-image counts build-engine adds to the graph (standard ops) equal the rows of size > 0 of each
     TokenPrune's padded output, on a batch whose images keep different counts; the logits are untouched."""

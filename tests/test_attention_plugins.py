@@ -135,6 +135,7 @@ def digits():
         return np.stack([dataset[i][0].numpy() for i in range(0, 12 * 41, 41)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [dict(method="tome", r=8), dict(method="ats", ats_blocks=[1, 2, 3, 4, 5]),
                                     dict(method="none")], ids=["tome", "ats_padding", "none"])
 def test_biased_export_equals_the_dense_attention_export(tmp_path, digits, method):
@@ -150,6 +151,7 @@ def test_biased_export_equals_the_dense_attention_export(tmp_path, digits, metho
     assert np.abs(one - want[:4]).max() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="TensorRT-RTX is installed by tools/setup.sh")
 def test_biased_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     from cli_assertions import run_cli

@@ -137,6 +137,7 @@ def heldout(tmp_path_factory):
     return write_heldout_folder(tmp_path_factory.mktemp("digits") / "heldout")["path"]
 
 
+@pytest.mark.slow
 def test_sparse_export_matches_pytorch_and_mass_one_is_the_dense_export(tmp_path, heldout):
     from edgetok.onnx.validate import ort_session
     from edgetok.vit.evaluate import image_folder
@@ -164,6 +165,7 @@ def test_sparse_export_matches_pytorch_and_mass_one_is_the_dense_export(tmp_path
     assert np.abs(got - ort_session(dense["path"]).run(None, {"pixel_values": x})[0]).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_digits_recipe_keeps_accuracy_with_fewer_block_pairs(capsys, tmp_path, heldout, monkeypatch):
     """Within 1 point of dense top-1 (97.59 %) at the default mass; eval reports the kept pairs and GMACs."""
     import json
@@ -188,6 +190,7 @@ def test_digits_recipe_keeps_accuracy_with_fewer_block_pairs(capsys, tmp_path, h
         assert f"{block}: {t['mean']:.1%} [{t['min']:.1%}-{t['max']:.1%}]" in out
 
 
+@pytest.mark.slow
 def test_sparse_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     import importlib.util
     import json
@@ -226,6 +229,7 @@ def test_bad_sparse_options_are_one_line_and_write_nothing(capsys, tmp_path, arg
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_profile_records_the_attention_pairs_kept(capsys, tmp_path, heldout):
     import json
 

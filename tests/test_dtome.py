@@ -200,6 +200,7 @@ def test_calibration_clamps_negative_samples_to_zero():
     assert method.end_calibration() == [0.0]
 
 
+@pytest.mark.slow
 def test_calibration_hits_the_target_mean_r(tmp_path):
     from PIL import Image
 
@@ -333,6 +334,7 @@ def test_patched_deit_with_cap_equals_loop_reference():
     torch.testing.assert_close(batched, reference, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_digits_model_padded_batch_equals_one_by_one(tmp_path):
     pictures, labels = digits.digit_images()
     for i in range(48):

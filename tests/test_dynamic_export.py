@@ -30,6 +30,7 @@ def dtome_export(folders, tmp_path_factory):
                                        output=str(out)))
 
 
+@pytest.mark.slow
 def test_dtome_export_equals_pytorch_image_by_image(dtome_export, folders):
     red = dtome_export["reduction"]
     assert red["data_dependent"] and len(red["thresholds"]) == 6 and red["calibration"]["samples"] == 1258
@@ -51,6 +52,7 @@ def test_dtome_export_equals_pytorch_image_by_image(dtome_export, folders):
     assert np.abs(session.run(None, {"pixel_values": x})[0] - want).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_dtome_export_builds_with_tensorrt_rtx(capsys, dtome_export, tmp_path):
     engine = tmp_path / "d.engine"
     code, out, err = run_cli(capsys, "build-engine", dtome_export["path"], "--backend", "tensorrt-rtx", "--batch",
@@ -61,6 +63,7 @@ def test_dtome_export_builds_with_tensorrt_rtx(capsys, dtome_export, tmp_path):
     assert report["profiles"][0][0]["max"][0] == 8
 
 
+@pytest.mark.slow
 def test_dtome_needs_its_calibration_in_one_line(capsys, tmp_path, folders):
     out = str(tmp_path / "x.onnx")
     code, _, err = run_cli(capsys, "export", "vit", "edgetok_digits_vit", "--method", "dtome", "--r", "8", "-o", out)
@@ -74,6 +77,7 @@ def test_dtome_needs_its_calibration_in_one_line(capsys, tmp_path, folders):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["export", "vit", "edgetok_digits_vit", "--method", "ats", "-o",
                                       "edgetok-out/ats.onnx"], ["export", "--recipe", "digits_dtome"]],
                          ids=["ats_defaults", "digits_dtome"])
@@ -94,6 +98,7 @@ def test_digits_defaults_keep_accuracy_with_fewer_tokens(capsys, tmp_path, folde
     assert last["mean"] < 65 and last["min"] < last["max"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", [dict(global_pool="avg"), dict(global_pool="map"),
                                   dict(global_pool="avg", class_token=False)], ids=["avg", "attention", "avg_no_cls"])
 def test_pooling_skips_padding(pool, tmp_path):

@@ -36,6 +36,7 @@ def test_heldout_folder_is_an_imagefolder_of_the_split(heldout):
     assert sum(1 for _ in Path(heldout).rglob("*.png")) == len(held) == 539
 
 
+@pytest.mark.slow
 @needs_weights
 def test_dense_eval_reproduces_the_training_accuracy_exactly(heldout, exported):
     torch_result = evaluate(EvalOptions(model=digits.NAME, data=heldout, batch=37, write_sidecar=False))
@@ -47,6 +48,7 @@ def test_dense_eval_reproduces_the_training_accuracy_exactly(heldout, exported):
     assert RECORD["heldout_top1"] > 0.9
 
 
+@pytest.mark.slow
 @needs_weights
 @pytest.mark.parametrize("variant", ["tome_r2", "evit_0.9"])
 def test_mild_reduction_keeps_accuracy(heldout, exported, variant):
@@ -69,6 +71,7 @@ def test_agreement_on_a_hand_built_example():
     assert agreement(np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]]))["top1_agreement"] == 0.0
 
 
+@pytest.mark.slow
 def test_bad_folders(capsys, tmp_path, exported):
     (tmp_path / "empty").mkdir()
     (tmp_path / "flat").mkdir()
@@ -82,6 +85,7 @@ def test_bad_folders(capsys, tmp_path, exported):
         assert_one_line_error(code, err, *needles)
 
 
+@pytest.mark.slow
 def test_eval_cli_and_data_command(capsys, tmp_path, exported):
     code, out, err = run_cli(capsys, "data", "digits", "-o", str(tmp_path / "d"))
     assert code == 0 and "539 images" in out
@@ -92,3 +96,43 @@ def test_eval_cli_and_data_command(capsys, tmp_path, exported):
     assert result["samples"] == 539 and "top1_agreement" in result["reference"]
     code, out, err = run_cli(capsys, "data", "digits", "-o", str(tmp_path / "d"))
     assert_one_line_error(code, err, "not empty")
+
+
+@pytest.mark.slow
+def test_agreement_names_its_reference_and_a_byte_identical_reexport_keeps_the_accuracy(tmp_path, heldout, exported):
+    """eval records which model agreement/KL is against (path and sha256); re-exporting the same bytes keeps
+    the sidecar's accuracy, exporting different bytes to the same path drops it."""
+    from edgetok.sidecar import file_sha256
+
+    dense, tome = exported["dense"], str(tmp_path / "tome.onnx")
+    export_vit(ViTExportOptions(model=digits.NAME, method="tome", r=2, output=tome))
+    result = evaluate(EvalOptions(model=tome, data=heldout, reference=dense))
+    assert result["reference"]["model"] == dense and result["reference"]["sha256"] == file_sha256(dense)
+    side = Path(tome).with_name("tome.edgetok.json")
+    assert json.loads(side.read_text())["accuracy"] == result
+
+    said, evaluated = [], file_sha256(tome)
+    export_vit(ViTExportOptions(model=digits.NAME, method="tome", r=2, output=tome), said.append)
+    assert file_sha256(tome) == evaluated  # the export is deterministic: the same bytes again
+    assert json.loads(side.read_text())["accuracy"] == result and any("byte-identical" in s for s in said)
+    export_vit(ViTExportOptions(model=digits.NAME, method="tome", r=3, output=tome))
+    assert "accuracy" not in json.loads(side.read_text())
+
+
+@pytest.mark.slow
+def test_dtome_calibration_reports_each_batch_on_stderr(capsys, tmp_path):
+    """A line per batch for each of calibration's two passes (40 training digits in batches of 16: 16, 16, 8)."""
+    from edgetok.vit.dtome import calibrate, make_dtome
+    from edgetok.vit.loading import load_vit
+
+    images, labels = digits.digit_images()
+    train, _ = digits.split_indices(len(images))
+    for i in train[:40]:
+        (tmp_path / "train" / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        images[i].save(tmp_path / "train" / str(labels[i]) / f"{i}.png")
+    vit = load_vit(digits.NAME)
+    calibrate(vit, make_dtome(vit.depth, r=2), str(tmp_path / "train"), batch=16)
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("· dtome")] == [
+        f"· dtome {what}: batch {i}/3 ({done}/40 images)"
+        for what in ("calibrating thresholds", "measuring merges") for i, done in ((1, 16), (2, 32), (3, 40))]

@@ -71,6 +71,7 @@ def digits_export(tmp_path_factory):
                                        output=str(tmp_path_factory.mktemp("p") / "p.onnx")))
 
 
+@pytest.mark.slow
 def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
     assert_export_matches_pytorch(digits_export, tmp_path / "h", "pitome", r=6)
     red = digits_export["reduction"]
@@ -79,6 +80,7 @@ def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
     assert digits_export["request"]["pitome_variant"] == "reference"
 
 
+@pytest.mark.slow
 def test_the_pytorch_runner_rebuilds_the_variant_from_the_sidecar(digits_export, tmp_path):
     """profile --backend torch re-creates the recorded variant; a sidecar from before the option (no variant) was
     exported as ``protected``."""
@@ -111,6 +113,7 @@ def test_the_variant_travels_through_a_recipe(tmp_path):
     assert method.params([2] * 6)["variant"] == "protected" and method.proportional_attention
 
 
+@pytest.mark.slow
 def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     assert_deit_export_builds(capsys, tmp_path, method="pitome", r=3)
 

@@ -50,6 +50,7 @@ def test_summary_statistics_match_numpy_and_warn_like_trtexec():
     assert "enqueue-bound" in notes and "H2D-bound" in notes
 
 
+@pytest.mark.slow
 def test_real_onnxruntime_cpu_profile_is_consistent(onnx_pair):
     result = profile(ProfileOptions(models=[onnx_pair["dense"]], batch=2, duration_s=0.5, iterations=5,
                                     warmup_ms=50, threads=1))
@@ -113,6 +114,7 @@ def test_the_sampler_stamps_on_the_clock_of_the_rounds_windows():
     assert tegrastats.TegrastatsSampler().clock is time.monotonic
 
 
+@pytest.mark.slow
 def test_comparison_table_and_plot_from_two_real_profiles(onnx_pair, tmp_path):
     result = profile(ProfileOptions(models=[onnx_pair["dense"], onnx_pair["tome"]], duration_s=0.4, iterations=3,
                                     warmup_ms=20, rounds=2))
@@ -132,6 +134,7 @@ def test_comparison_table_and_plot_from_two_real_profiles(onnx_pair, tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_profile_cli_with_npz_inputs(capsys, onnx_pair, tmp_path):
     np.savez(tmp_path / "in.npz", pixel_values=np.zeros((3, 3, 96, 96), np.float32))
     code, out, err = run_cli(capsys, "profile", onnx_pair["dense"], "--inputs", str(tmp_path / "in.npz"),
@@ -142,6 +145,7 @@ def test_profile_cli_with_npz_inputs(capsys, onnx_pair, tmp_path):
     assert "| dense | onnxruntime | 3 |" in out
 
 
+@pytest.mark.slow
 def test_torch_runner_recreates_the_model_from_the_sidecar(onnx_pair):
     result = profile(ProfileOptions(models=[onnx_pair["tome"]], backend="torch", duration_s=0.2, iterations=2,
                                     warmup_ms=10))
@@ -150,6 +154,7 @@ def test_torch_runner_recreates_the_model_from_the_sidecar(onnx_pair):
     assert m["reduction"]["method"] == "tome" and m["timings_ms"]["latency"]["median"] > 0
 
 
+@pytest.mark.slow
 def test_recipe_sweep_exports_and_profiles_each_variant(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("s.yaml").write_text("export:\n  model: deit_tiny_patch16_224\n  method: tome\n  img_size: 64\n"
@@ -171,6 +176,7 @@ def _fake_engine(tmp_path, backend="tensorrt-rtx"):
     return engine
 
 
+@pytest.mark.slow
 def test_bad_inputs(capsys, tmp_path, onnx_pair):
     engine = _fake_engine(tmp_path)
     cases = [
@@ -192,6 +198,7 @@ def test_bad_inputs(capsys, tmp_path, onnx_pair):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_host_is_one_line(capsys, tmp_path, onnx_pair, monkeypatch):
     """A stand-in ssh answers as OpenSSH does for a name that does not resolve: no DNS or network needed."""
     bin_dir = tmp_path / "bin"
@@ -216,6 +223,7 @@ def _stand_in(bin_dir: Path, name: str, fixture: Path):
     script.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_jetson_profile_reports_power_energy_and_clock_state(onnx_pair, tmp_path, monkeypatch):
     """Stand-in tegrastats, nvpmodel and jetson_clocks (captured outputs) on PATH. The test hands tegrastats its
     lines at chosen moments of the run, with the sampler's clock set for each, and steps the round's clocks, so
@@ -289,3 +297,43 @@ def test_jetson_profile_reports_power_energy_and_clock_state(onnx_pair, tmp_path
     assert result["jetson"]["power_mode"] == {"name": "MAXN", "id": 0}
     assert result["jetson"]["clocks"]["locked"] is False and "jetson_clocks" in result["jetson"]["warning"]
     assert result["comparison"][0]["energy_mj"] == power["energy_per_inference_mj"]
+
+
+def _report(name: str, batch: int, median: float, qps: float, accuracy: dict | None = None) -> dict:
+    """A model's profile report as compare.rows reads it, with a wall-clock throughput that disagrees with
+    its median latency (as a few slow outliers make it do)."""
+    latency = {**{k: median for k in ("min", "mean", "median", "p90", "p95", "p99", "max")}, "stdev": 0.0, "cv": 0.0}
+    return {"name": name, "runner": {"backend": "onnxruntime"}, "batch": batch, "precision": "fp32",
+            "timings_ms": {"latency": latency}, "throughput": {"qps": qps, "items_per_s": qps * batch},
+            "flops": None, "reduction": {"method": "tome"}, "accuracy": accuracy}
+
+
+def test_items_per_second_and_speedup_come_from_the_same_median():
+    """r=4 is faster by its median but slower by the loop's wall clock: the table's items/s must rank it as its
+    speedup does, both from the median latency."""
+    from edgetok.profile import compare
+
+    dense, r4, b8 = _report("dense", 2, 50.0, 19.0), _report("r=4", 2, 46.0, 18.0), _report("b8", 8, 160.0, 6.0)
+    rows = compare.rows([dense, r4, b8])
+    assert [r["items_per_s"] for r in rows] == pytest.approx([40.0, 2e3 / 46, 50.0], rel=1e-12)
+    assert rows[1]["speedup"] == pytest.approx(50 / 46, rel=1e-12) and rows[1]["items_per_s"] > rows[0]["items_per_s"]
+    assert rows[2]["speedup"] == pytest.approx(50.0 / 40.0, rel=1e-12)  # other batch: ratio of items/s at median
+    table = compare.markdown(rows)
+    assert "| items/s at median |" in table and "| 43.5 | – | 1.09x |" in table
+    assert "batch / median latency" in compare.notes(rows)
+
+
+def test_agreement_columns_name_their_reference(tmp_path):
+    """Agreement and KL come from an earlier `eval --reference`: the table names that model (file, hash prefix)."""
+    from edgetok.profile import compare
+
+    sha = "ab12cd34ef56" + "0" * 52
+    acc = {"top1": 0.97, "reference": {"model": "out/dense.onnx", "sha256": sha, "top1_agreement": 0.99, "mean_kl": 0.01}}
+    old = {"top1": 0.95, "reference": {"model": "old/dense.onnx", "top1_agreement": 0.98, "mean_kl": 0.02}}
+    rows = compare.rows([_report("dense", 1, 10.0, 100.0), _report("tome", 1, 8.0, 120.0, acc),
+                         _report("evit", 1, 7.0, 140.0, old)])
+    assert [r["reference"] for r in rows] == [None, "dense.onnx (ab12cd34ef56)", "dense.onnx (hash not recorded)"]
+    lines = compare.markdown(rows).splitlines()
+    assert lines[0].endswith("| agreement | KL | vs (eval --reference) |")
+    assert lines[3].endswith("| 99.00% | 0.0100 | dense.onnx (ab12cd34ef56) |")
+    assert "earlier `edgetok eval`" in compare.notes(rows)

@@ -36,6 +36,7 @@ def quantized(request, data, tmp_path_factory):
     return request.param, side, record
 
 
+@pytest.mark.slow
 def test_only_the_models_own_layers_are_quantized(quantized):
     name, _, record = quantized
     model = onnx.load(record["path"])
@@ -62,6 +63,7 @@ def test_only_the_models_own_layers_are_quantized(quantized):
     assert q["calibration"]["images"] == 128 and q["mode"] == "int8"
 
 
+@pytest.mark.slow
 def test_top1_within_one_point_of_fp32(quantized, data):
     from edgetok.vit.evaluate import EvalOptions, evaluate
 
@@ -72,6 +74,7 @@ def test_top1_within_one_point_of_fp32(quantized, data):
     assert int8["reference"]["top1_agreement"] >= 0.97
 
 
+@pytest.mark.slow
 def test_tensorrt_rtx_builds_the_int8_model(quantized, capsys, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     _, _, record = quantized
@@ -83,6 +86,7 @@ def test_tensorrt_rtx_builds_the_int8_model(quantized, capsys, tmp_path):
     assert report["network_outputs"][0]["shape"] == [-1, 10]
 
 
+@pytest.mark.slow
 def test_fp16_builds_the_float_rest_of_an_int8_model(quantized, capsys, tmp_path):
     """Q/DQ at opset 19 (DequantizeLinear may output float16), so --precision fp16 converts what is not int8."""
     pytest.importorskip("tensorrt_rtx")
@@ -138,6 +142,7 @@ def test_build_engine_refuses_what_the_parser_would(capsys, tmp_path, bad):
     assert not (tmp_path / "x.engine").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no_images", "no_sidecar", "int4", "already"])
 def test_bad_input_is_one_line_and_writes_nothing(case, capsys, tmp_path, data, quantized):
     _, side, record = quantized
@@ -170,6 +175,7 @@ def fp8(data, tmp_path_factory):
                                           targets=["sm89"]))
 
 
+@pytest.mark.slow
 def test_fp8_keeps_the_reduction_in_float_and_its_accuracy(fp8, data):
     from edgetok.onnx.qdq import is_fp8
     from edgetok.vit.evaluate import EvalOptions, evaluate
@@ -183,6 +189,7 @@ def test_fp8_keeps_the_reduction_in_float_and_its_accuracy(fp8, data):
     assert got["top1"] >= fp32 - 0.01
 
 
+@pytest.mark.slow
 def test_fp8_builds_for_sm89_and_is_refused_below(fp8, capsys, tmp_path, data):
     pytest.importorskip("tensorrt_rtx")
     side, record = fp8
@@ -200,6 +207,7 @@ def test_fp8_builds_for_sm89_and_is_refused_below(fp8, capsys, tmp_path, data):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow
 def test_recipes_quantize_then_build_and_reuse(capsys, tmp_path, monkeypatch):
     """build-engine --recipe digits_tome_int8: export, quantize (calibration folder from the recipe), build from
     the INT8 model; a second run reuses the quantized file; a missing calibration folder is one line."""
@@ -225,6 +233,7 @@ def test_every_int8_recipe_names_its_calibration():
         assert data["quantize"]["mode"] == "int8" and data["quantize"]["calibrate"]
 
 
+@pytest.mark.slow
 def test_profile_labels_the_quantized_model(quantized, capsys, tmp_path):
     name, side, record = quantized
     if name != "dense":

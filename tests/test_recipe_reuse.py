@@ -30,6 +30,7 @@ def _profile(capsys):
     return err, json.loads(Path("edgetok-out/profile/profile.json").read_text())
 
 
+@pytest.mark.slow
 def test_profile_recipe_re_exports_a_dense_model_left_at_its_path(capsys):
     Path("s.yaml").write_text(RECIPE)
     export_vit(ViTExportOptions(model="deit_tiny_patch16_224", img_size=64, output="m/t_r4.onnx"))  # dense
@@ -51,6 +52,7 @@ def test_profile_recipe_re_exports_a_dense_model_left_at_its_path(capsys):
     assert "re-exporting m/t_r4.onnx" in err and "the ONNX changed after its export" in err
 
 
+@pytest.mark.slow
 def test_other_weights_are_a_different_export(capsys):
     """Same name, other checkpoint contents: the recorded weights hash differs, so it is re-exported."""
     import timm
@@ -74,6 +76,7 @@ def _build(capsys, r=4, precision="fp16"):
     return out, err
 
 
+@pytest.mark.slow
 def test_build_recipe_rebuilds_only_a_differently_built_engine(capsys):
     engine = Path("m/t.tensorrt-rtx.fp16.engine")
     _build(capsys)

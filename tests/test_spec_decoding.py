@@ -134,6 +134,7 @@ def test_shipped_target_draft_free_is_lossless(tmp_path_factory, mode):
         assert a["tokens"] == b["tokens"] and b["draft_free"]["ngram"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "target" / "config.json").is_file(), reason="the shipped pair is exported by tools/train_spec_pair.py")
 @pytest.mark.parametrize("k", [2, 4, 7])
 def test_shipped_pair_greedy_is_lossless(tmp_path_factory, k):

@@ -156,6 +156,7 @@ def test_empty_batch_counts_zero():
     assert [list(t.shape) for t in got] == [[0, 0, 4], [0, 0, 1], []] and int(got[2]) == 0
 
 
+@pytest.mark.slow
 @needs_device
 def test_plugins_check_compares_the_count_exactly(monkeypatch):
     from edgetok.plugins import check

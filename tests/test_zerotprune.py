@@ -102,6 +102,7 @@ def digits_export(tmp_path_factory):
                                        output=str(tmp_path_factory.mktemp("z") / "z.onnx")))
 
 
+@pytest.mark.slow
 def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
     assert_export_matches_pytorch(digits_export, tmp_path / "h", "zerotprune", r=6)
     red = digits_export["reduction"]
@@ -109,6 +110,7 @@ def test_export_equals_pytorch_on_real_digits(digits_export, tmp_path):
     assert red["page_rank_iterations"] == [30, 30, 30, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     assert_deit_export_builds(capsys, tmp_path, method="zerotprune", r=3)
 
@@ -154,6 +156,7 @@ def test_deit_small_recipes_sit_at_tomes_gmacs():
         assert round(gmacs[0], 3) == want and abs(gmacs[0] - gmacs[1]) / gmacs[1] < 0.005  # ToMe clamps its last r
 
 
+@pytest.mark.slow
 def test_the_pytorch_runner_rebuilds_it_from_the_sidecar(tmp_path):
     """profile --backend torch re-creates the method from the export's sidecar, its own options included."""
     import numpy as np

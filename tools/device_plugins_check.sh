@@ -6,7 +6,8 @@
 # against SDPA), and the TokenMerge kernel tests JIT on CUDA (TRITON_INTERPRET=0). A GPU sums in another order
 # than numpy: the benches and those tests compare through edgetok/plugins/agreement.py (decisions where the
 # reference's margin exceeds float32 noise, values to a tolerance scaled to the magnitude summed).
-# Run from the repository root; writes the log under $OUT.
+# Where TensorRT imports, also the C++ plugin library's engines against the standard-op engines (DeiT-S ToMe
+# r=13, batch 1/8/64, edgetok profile). Run from the repository root; writes the log under $OUT.
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 out=${OUT:-/tmp/edgetok-device}
@@ -23,5 +24,26 @@ mkdir -p "$out"
       -k "not build_all and not reuses_cache and not bundle_round_trip"
   else
     echo "pytest is not installed here: the TokenMerge kernel tests on CUDA were not run"
+  fi
+  # The C++ plugin library's engines against the standard-op engines, batch 1/8/64: TensorRT proper only (it
+  # builds for the GPU it runs on; TensorRT-RTX has no Hopper target), with cmake and g++ to build the library
+  # and TensorRT's headers (an installed TensorRT, $TENSORRT_INCLUDE_DIR, or tools/setup.sh's).
+  if python3 -c "import tensorrt" 2>/dev/null && command -v cmake >/dev/null && command -v g++ >/dev/null; then
+    lib="$out/lib" work="$out/engines"
+    mkdir -p "$work"
+    python3 -m edgetok plugins build --lib -o "$lib"
+    python3 -m edgetok export vit deit_small_patch16_224 --method tome --r 13 --plugins -o "$work/tome_plugins.onnx"
+    python3 -m edgetok export vit deit_small_patch16_224 --method tome --r 13 -o "$work/tome_ops.onnx"
+    for b in 1 8 64; do
+      for m in tome_plugins tome_ops; do
+        python3 -m edgetok build-engine "$work/$m.onnx" --backend tensorrt --batch "1:$b:64" \
+          --plugin-lib "$lib/libedgetok_plugins.so" -o "$work/$m.b$b.engine"
+      done
+      EDGETOK_PLUGIN_LIB="$lib/libedgetok_plugins.so" python3 -m edgetok profile "$work/tome_plugins.b$b.engine" \
+        "$work/tome_ops.b$b.engine" --device cuda --batch "$b" --rounds 3
+    done
+  else
+    echo "TensorRT (python3 -m pip install tensorrt), cmake or g++ is missing here: the C++ library's engines" \
+         "were not compared with the standard-op engines"
   fi
 } 2>&1 | tee "$out/plugins_check.log"

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -43,6 +44,15 @@ def _load_onnx(path: str) -> onnx.ModelProto:
         raise EdgetokError(f"{path} is not an ONNX model ({reason}); give an .onnx file from `edgetok export`") from None
     _check_external_data(model, p)
     return model
+
+
+def _load_failure(exc: Exception, staged: Path) -> str:
+    """ONNX Runtime's complaint about a graph edgetok wrote into its staging folder, whole, without that
+    folder: the path is gone once the build fails and means nothing to the user."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(rf"Load model from {re.escape(str(staged))} failed:\s*", "", text)
+    return text.replace(str(staged), staged.name) or type(exc).__name__
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -155,9 +165,13 @@ def _layer_counts(layers: list[dict]) -> dict:
     return {"count": len(layers), "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]))}
 
 
-def default_output(opts: BuildOptions, backend: Backend) -> Path:
+def default_output(opts: BuildOptions, backend: Backend, quantized: str | None = None) -> Path:
+    """MODEL.<backend>.<precision>.engine; a Q/DQ model's precision is its quantization mode (int8, fp8; with
+    --precision fp16 for the float rest, int8+fp16), as profile labels it: its layers are not fp32."""
     src = Path(opts.onnx)
-    return src.with_name(f"{src.stem}.{backend.name}.{opts.precision}.engine")
+    precision = opts.precision if not quantized else quantized if opts.precision == "fp32" \
+        else f"{quantized}+{opts.precision}"
+    return src.with_name(f"{src.stem}.{backend.name}.{precision}.engine")
 
 
 def _run_worker(request: dict, workdir: Path, say: Callable[[str], None]) -> tuple[dict, str]:
@@ -245,12 +259,18 @@ def _request_record(opts: BuildOptions, backend: Backend, profiles, edgetok_plug
 def _plugin_uses(model: onnx.ModelProto, source: Path) -> list[dict]:
     """The edgetok plugins the graph needs; an unknown op or version is refused here, naming the fix,
     instead of as a parser error deep in the build."""
+    from edgetok.onnx.lint import UNNAMESPACED, unnamespaced_plugin_nodes
     from edgetok.plugins.spec import PluginError, uses
 
     try:
-        return uses(model)
+        found = uses(model)
     except PluginError as exc:
         raise EdgetokError(f"{source.name}: {exc}") from None
+    old = unnamespaced_plugin_nodes(model)
+    if old:
+        raise EdgetokError(f"{source.name}: {len(old)} edgetok plugin node(s) ({old[0]}"
+                           + (f" and {len(old) - 1} more" if len(old) > 1 else "") + f") have {UNNAMESPACED}")
+    return found
 
 
 # TensorRT-RTX's default compute capabilities (SM 8.0, 8.6, 8.9, 12.0) that edgetok has kernels for
@@ -307,25 +327,88 @@ def _plugin_setup(opts: BuildOptions, backend: Backend, source: Path, uses: list
     }
 
 
+def _library_setup(opts: BuildOptions, backend: Backend, uses: list[dict],
+                   say: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The C++ plugin library the graph's edgetok nodes are built with (None: the Python plugins), checked
+    against the architectures the engine targets (TensorRT-RTX; TensorRT builds for the GPU it runs on)."""
+    from edgetok.plugins import library
+
+    if not uses:
+        if opts.serialize_plugins:
+            raise EdgetokError(f"--serialize-plugins: {Path(opts.onnx).name} has no edgetok plugin nodes, so there is "
+                               "no plugin library to put into the engine; drop --serialize-plugins")
+        return None
+    archs = _cubin_archs(opts, backend) if backend.name == "tensorrt-rtx" else []
+    chosen = library.for_build(opts.plugin_lib, opts.python_plugins, archs, say)
+    if chosen is None and opts.serialize_plugins:
+        raise EdgetokError("--serialize-plugins puts edgetok's C++ plugin library into the engine, and this build uses "
+                           "the Python plugins; build the library (edgetok plugins build --lib) or give --plugin-lib, "
+                           "without --python-plugins")
+    if chosen is not None:
+        say(f"edgetok plugins from the C++ library {chosen[0]}" + (" (serialized into the engine)"
+                                                                     if opts.serialize_plugins else ""))
+    return chosen
+
+
+def _library_record(uses: list[dict], chosen: tuple[Path, dict], serialized: bool) -> dict:
+    """The plugin part of the request record for a build with the C++ library: another library (or the Python
+    plugins) rebuilds the engine."""
+    path, record = chosen
+    return {"uses": uses, "kernels": record["kernels"], "archs": record["archs"],
+            "library": {"sha256": record["sha256"], "platform": record["platform"]}, "serialized": serialized}
+
+
+def _library_report(setup: dict, chosen: tuple[Path, dict]) -> dict:
+    from edgetok.plugins.library import build_note
+
+    path, record = chosen
+    return {
+        "plugins": setup["uses"],
+        "kernels_digest": setup["kernels"],
+        "library": {"path": str(path), "file": path.name, "sha256": record["sha256"], "bytes": record["bytes"],
+                    "platform": record["platform"], "archs": record["archs"],
+                    "tensorrt_headers": record["tensorrt_headers"]["version"], "serialized": setup["serialized"]},
+        "requires_edgetok_runtime": False,
+        "runtime": build_note(record, setup["serialized"]),
+    }
+
+
+def cubins_source(archs: list[str]) -> str:
+    """Where the cubins for ``archs`` will come from: the cache (compiled before, for this Triton and these
+    kernel sources), or a compile, which takes minutes, so only a compile is announced as one."""
+    from edgetok.plugins import cubins
+
+    cached = set(cubins.cached_archs())
+    missing, have = [a for a in archs if a not in cached], [a for a in archs if a in cached]
+    if not missing:
+        return f"plugin cubins for {', '.join(have)} from the cache"
+    return f"compiling the plugin kernels for {', '.join(missing)}" + (f" ({', '.join(have)} from the cache)" if have else "")
+
+
 def _stage_bundle(setup: dict, source: Path, target: Path, say: Callable[[str], None]) -> None:
     """Put the cubins beside the engine-to-be, in the staging folder, so that they are published with it:
-    a copy of the export's bundle when it covers every architecture needed, else freshly compiled ones."""
+    a copy of the export's bundle when it covers every architecture needed and passes verification (the copy
+    itself is verified, so what ships is what was checked), else freshly compiled ones from our own sources."""
     import shutil
 
     from edgetok.plugins import cubins
+    from edgetok.plugins.spec import PluginError
 
     beside = cubins.bundle_path(source)
     if beside.is_file():
-        found = cubins.Bundle.open(beside)
-        lacking = [a for a in setup["archs"] if a not in found.archs]
-        current = found.manifest.get("source") == cubins.source_key()
-        if current and not lacking:
-            say(f"using the plugin cubins in {beside.name}")
-            shutil.copyfile(beside, target)
+        shutil.copyfile(beside, target)
+        try:  # tampered, foreign, a zip bomb, a forged parameter layout, other kernel sources: never shipped
+            found = cubins.Bundle.open(target)
+            lacking = [a for a in setup["archs"] if a not in found.archs]
+            why = f"{beside.name} has no {lacking[0]} cubins" if lacking else None
+        except PluginError as exc:
+            why = str(exc).replace(str(target), beside.name).split("; rebuild it")[0]
+        if why is None:
+            say(f"using the plugin cubins in {beside.name} (verified)")
             return
-        say(f"{beside.name} " + (f"has no {lacking[0]} cubins" if current else "was compiled from other kernel sources")
-            + "; compiling the plugin kernels instead")
-    say(f"compiling the plugin kernels for {', '.join(setup['archs'])}")
+        target.unlink()
+        say(f"{why}; compiling the plugin kernels instead")
+    say(cubins_source(setup["archs"]))
     try:
         cubins.write_bundle(target, setup["archs"], say=lambda text: text.startswith("wrote ") or say(text))
     except ImportError as exc:
@@ -362,9 +445,14 @@ def _bundle_summary(path: Path) -> dict:
     manifest = Bundle.open(path).manifest
     return {
         "archs": list(manifest["archs"]),
+        "edgetok": manifest.get("edgetok"),  # provenance: the edgetok version whose build wrote the bundle
         "triton": manifest.get("triton"),
         "ptx_version": manifest.get("ptx_version"),
-        "targets": {a: {k: v for k, v in info.items() if k in ("target", "ptx_version")}
+        # per architecture: its target and PTX ISA, the ptxas that assembled its cubins and the oldest driver
+        # (cuDriverGetVersion, 12000 = CUDA 12.0) that loads them, and the one that JIT-compiles its PTX
+        # (bundles before format 3 record neither)
+        "targets": {a: {k: v for k, v in info.items()
+                        if k in ("target", "ptx_version", "assembler", "cubin_driver", "ptx_driver")}
                     for a, info in manifest["archs"].items()},
         "kernels": {name: {"plugin": k.get("plugin"), "num_warps": k.get("num_warps"),
                            "params": [f"{p['name']}:{p['type']}" for p in k["params"]],
@@ -430,7 +518,8 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     _check_fp8(model, opts, backend)
     side = sidecar.read(opts.onnx) if sidecar.sidecar_path(opts.onnx).is_file() else None
     profiles = resolve_profiles(model, opts, side)
-    out = Path(opts.output) if opts.output else default_output(opts, backend)
+    quantized = ((side or {}).get("quantization") or {}).get("mode")
+    out = Path(opts.output) if opts.output else default_output(opts, backend, quantized)
     if out.suffix not in (".engine", ".plan", ".trt"):
         raise EdgetokError(f"-o {out} should end in .engine (or .plan / .trt)")
     source = Path(opts.onnx)
@@ -439,7 +528,9 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
         # TensorRT-RTX's defaults include SM 8.0, for which there are no plugin kernels: name the targets
         opts = dataclasses.replace(opts, targets=list(RTX_DEFAULT_ARCHS))
         say(f"targets {', '.join(opts.targets)}: the architectures edgetok's plugin kernels are compiled for")
-    plugin_setup = _plugin_setup(opts, backend, source, uses)
+    library = _library_setup(opts, backend, uses, say)
+    plugin_setup = _library_record(uses, library, opts.serialize_plugins) if library \
+        else _plugin_setup(opts, backend, source, uses)
     record = _request_record(opts, backend, profiles, plugin_setup)
     if reuse and out.is_file():
         why = stale_reason(out, source, record)
@@ -454,7 +545,7 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
         work = stage / "work"
         work.mkdir()
         bundle = None
-        if plugin_setup:
+        if plugin_setup and not library:  # the library carries its kernels: no bundle beside the engine
             from edgetok.plugins.cubins import bundle_path
 
             bundle = stage / bundle_path(out.name).name
@@ -475,9 +566,8 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             except EdgetokError:
                 raise
             except Exception as exc:  # the converter wrote a graph ONNX Runtime will not load (seen on LLM decoders)
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-                raise EdgetokError(f"the fp16 conversion of {source.name} is not a valid graph ({reason}); build it "
-                                   "with --precision fp32") from None
+                raise EdgetokError(f"the fp16 conversion of {opts.onnx} is a graph ONNX Runtime will not load "
+                                   f"({_load_failure(exc, onnx_to_parse)}); build it with --precision fp32") from None
 
         counts, kept = {}, {}
         if uses and (sizes_outputs(model) or attention_kept_outputs(model)):
@@ -491,7 +581,8 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             "profiles": [[p.as_dict() for p in profiles]],
             "plugins": [str(Path(p).resolve()) for p in opts.plugins],
             "save_timing_cache": opts.timing_cache if backend.name == "tensorrt" else None,
-            "edgetok_plugins": {"bundle": str(bundle)} if bundle else None,
+            "edgetok_plugins": {"bundle": str(bundle)} if bundle else
+                               {"library": str(library[0]), "serialize": opts.serialize_plugins} if library else None,
         }
         event, log_tail = _run_worker(request, work, say)
         if event.get("event") == "parse_error":
@@ -527,7 +618,8 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
             "source_onnx": {"path": str(source.resolve()), "sha256": sidecar.file_sha256(source)},
             "plugins": request["plugins"],
             "plugin_notes": event.get("plugin_notes", []),
-            "edgetok_plugins": _plugins_report(plugin_setup, bundle) if bundle else None,
+            "edgetok_plugins": _plugins_report(plugin_setup, bundle) if bundle else
+                               _library_report(plugin_setup, library) if library else None,
             "token_count_outputs": {str(block): name for block, name in counts.items()} or None,
             "attention_kept_outputs": {str(block): name for block, name in kept.items()} or None,
             "export": {k: side[k] for k in ("model", "reduction", "flops", "input_shape", "preprocessing",
@@ -543,6 +635,26 @@ def build_engine(opts: BuildOptions, say: Callable[[str], None] = lambda s: None
     return report
 
 
+def _drivers_lines(targets: dict) -> list[str]:
+    """The cubins' assemblers and the drivers each form needs, one line per assembler (sm86-sm90 share
+    CUDA 12's ptxas, sm110/sm120 CUDA 13's)."""
+    from edgetok.plugins.cubins import cuda_text
+
+    groups: dict[tuple, list[str]] = {}
+    for arch, info in targets.items():
+        if "assembler" in info:  # bundles before format 3 do not record it
+            groups.setdefault((info["assembler"], info["cubin_driver"]), []).append(arch)
+    lines = []
+    for (assembler, driver), archs in groups.items():
+        jit: dict[str, list[str]] = {}
+        for arch in archs:
+            jit.setdefault(cuda_text(targets[arch]["ptx_driver"]), []).append(arch)
+        lines.append(f"  cubins     {', '.join(archs)}: ptxas {assembler}, load on CUDA {cuda_text(driver)}+ drivers; "
+                     "their PTX JIT-compiles on " + ", ".join(f"{version}+" + (f" ({', '.join(a)})" if len(jit) > 1 else "")
+                                                       for version, a in jit.items()))
+    return lines
+
+
 def summary(report: dict) -> str:
     profile = report["profiles"][0][0]
     conv = report["fp16_conversion"]
@@ -555,17 +667,25 @@ def summary(report: dict) -> str:
         f"  built in   {report['build_seconds']:.1f} s, {report['network_layers']['count']} network layers",
     ]
     if "targets" in report:
-        lines.append(f"  targets    {report['targets']}")
+        targets = report["targets"]
+        lines.append(f"  targets    {', '.join(targets) if isinstance(targets, list) else targets}")
     if conv:
         lines.append(f"  fp16 ONNX  validated in ONNX Runtime: cosine {conv['cosine']:.6f}, "
                      f"max |diff| {conv['max_abs_diff']:.2e}")
     plugins = report.get("edgetok_plugins")
-    if plugins:
+    if plugins and plugins.get("library"):
+        lib = plugins["library"]
+        lines.append("  plugins    " + ", ".join(f"{p['namespace']}::{p['name']} v{p['version']} x{p['nodes']}"
+                                                 for p in plugins["plugins"])
+                     + f"; C++ library {lib['path']} ({lib['platform']}; {', '.join(lib['archs'])})"
+                     + (", serialized into the engine" if lib["serialized"] else ""))
+    elif plugins:
         cubins = plugins["cubins"]
         lines.append("  plugins    " + ", ".join(f"{p['namespace']}::{p['name']} v{p['version']} x{p['nodes']}"
                                                  for p in plugins["plugins"])
                      + f"; kernels in {cubins['file']} ({', '.join(cubins['archs'])}); runs only where edgetok "
                      "registers its plugins (Python)")
+        lines += _drivers_lines(cubins.get("targets") or {})
     if report["engine_layers"] is None:
         lines.append(f"  engine     per-layer info unavailable: {report['engine_inspector']}")
     return "\n".join(lines)

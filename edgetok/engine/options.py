@@ -24,6 +24,11 @@ class BuildOptions:
     timing_cache: str | None = None
     plugins: list[str] = field(default_factory=list)
     dla_core: int | None = None
+    # edgetok's plugin nodes: the C++ library (this path, else the one `edgetok plugins build --lib` put in its
+    # default place) unless python_plugins; serialize_plugins puts the library into the engine
+    plugin_lib: str | None = None
+    python_plugins: bool = False
+    serialize_plugins: bool = False
 
 
 @dataclass

@@ -41,8 +41,8 @@ def _parser_errors(parser) -> list[dict]:
 
 def _plugin_failure(request: dict) -> str | None:
     """Why an edgetok plugin refused the build: TensorRT reports only that a plugin callback failed."""
-    if not request.get("edgetok_plugins"):
-        return None
+    if not (request.get("edgetok_plugins") or {}).get("bundle"):
+        return None  # the C++ library reports through TensorRT's logger (the log tail names it)
     from edgetok.plugins.tensorrt import failures
 
     found = failures()
@@ -83,6 +83,20 @@ def _engine_layers(trt, logger, engine_bytes) -> tuple[list | None, str | None]:
     return layers, None
 
 
+def _serializing(trt, base, library: str, rtx: bool):
+    """A config that puts the plugin library into the engine (TensorRT's plugins to serialize), so that the
+    engine alone is enough. TensorRT serializes plugin libraries only into version-compatible engines, so there
+    the flag comes too; TensorRT-RTX takes the library as it is."""
+    def config(builder, network):
+        cfg = base(builder, network)
+        cfg.plugins_to_serialize = [library]
+        if not rtx:
+            cfg.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        return cfg
+
+    return config
+
+
 def build(request: dict, events: Events) -> int:
     backend = BACKENDS[request["backend"]]
     if backend.polygraphy_rtx:
@@ -98,8 +112,18 @@ def build(request: dict, events: Events) -> int:
 
     registry = trt.get_plugin_registry()
     plugin_notes = []
-    edgetok_plugins = request.get("edgetok_plugins")
-    if edgetok_plugins:  # Python creators must be registered before the parser meets an edgetok node
+    edgetok_plugins = request.get("edgetok_plugins") or {}
+    if edgetok_plugins.get("library"):  # creators from the C++ library, as trtexec --dynamicPlugins loads them
+        from edgetok.errors import EdgetokError
+        from edgetok.plugins.library import load
+
+        events.send("stage", text=f"loading the edgetok plugin library {edgetok_plugins['library']}")
+        try:
+            load(trt, edgetok_plugins["library"])
+        except EdgetokError as exc:
+            events.send("error", message=str(exc))
+            return 6
+    elif edgetok_plugins:  # Python creators must be registered before the parser meets an edgetok node
         from edgetok.plugins.tensorrt import register
 
         events.send("stage", text="registering edgetok plugins")
@@ -157,6 +181,8 @@ def build(request: dict, events: Events) -> int:
             cfg = base(builder, network)
             cfg.DLA_core = dla_core
             return cfg
+    if edgetok_plugins.get("serialize"):
+        config = _serializing(trt, config, edgetok_plugins["library"], backend.polygraphy_rtx)
 
     events.send("stage", text="building engine")
     start = time.perf_counter()

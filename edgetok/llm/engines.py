@@ -8,14 +8,15 @@ total (past + query) 1..max length. OPT is the query length a round feeds (k + 1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from edgetok import sidecar
+from edgetok import atomic, sidecar
 from edgetok.engine.options import BuildOptions, parse_batch
 from edgetok.errors import EdgetokError
-from edgetok.llm.pair import MANIFEST, inside, read_manifest
+from edgetok.llm.pair import MANIFEST, check_decoder, inside, read_manifest
 
 DEFAULT_MAX_LENGTH = 2048  # when the model declares no max_position_embeddings
 OPT_PAST = 64  # past length the kernels are tuned for
@@ -65,16 +66,25 @@ def build_pair(folder: str, opts: BuildOptions, k: int = 4, tree_tokens: int = 1
     if manifest.get("draft"):
         decoders.append(("draft", manifest["draft"], manifest["draft"]["file"], 1, False))
     engines = {}
-    for role, entry, relative, query_opt, tree in decoders:
-        onnx_path = inside(folder, relative, f"{MANIFEST} {role} file")
-        shapes = decoder_shapes(entry, max_length, query_opt, batch, tree)
-        out = onnx_path.with_name(f"{onnx_path.stem}.{opts.precision}.engine")
-        say(f"building the {role} decoder ({relative}): query 1..{max_length}, past 0..{max_length - 1}")
-        report = build_engine(dataclasses.replace(opts, onnx=str(onnx_path), output=str(out), shapes=shapes,
-                                                  batch=None), say)
-        engines[role] = {"file": str(Path(relative).with_name(out.name)), "backend": report["backend"],
-                         "precision": report["precision"], "profiles": report["profiles"],
-                         "build_seconds": report["build_seconds"]}
+    # All or nothing: every engine is built into a staging folder beside its place and published only when all
+    # built, so a failure on the draft leaves no target engines from this run (nor half a manifest).
+    with contextlib.ExitStack() as stack:
+        staged = []
+        for role, entry, relative, query_opt, tree in decoders:
+            onnx_path = inside(folder, relative, f"{MANIFEST} {role} file")
+            check_decoder(onnx_path, entry, role)
+            shapes = decoder_shapes(entry, max_length, query_opt, batch, tree)
+            out = onnx_path.with_name(f"{onnx_path.stem}.{opts.precision}.engine")
+            stage = stack.enter_context(atomic.staging_dir(out))
+            say(f"building the {role} decoder ({relative}): query 1..{max_length}, past 0..{max_length - 1}")
+            report = build_engine(dataclasses.replace(opts, onnx=str(onnx_path), output=str(stage / out.name),
+                                                      shapes=shapes, batch=None), say)
+            staged.append((stage, out.parent))
+            engines[role] = {"file": str(Path(relative).with_name(out.name)), "backend": report["backend"],
+                             "precision": report["precision"], "profiles": report["profiles"],
+                             "build_seconds": report["build_seconds"]}
+        for stage, final_dir in staged:
+            atomic.publish(stage, final_dir)
     manifest["engines"] = {"max_length": max_length, "batch": list(batch), **engines}
     sidecar.write(Path(folder) / MANIFEST, manifest)
     manifest["path"] = str(folder)

@@ -88,7 +88,8 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
         d_lm, d_tok = load_causal_lm(draft), _tokenizer(draft)
     if d_lm is not None:
         _check_compatible(t_lm, d_lm, t_tok, d_tok, draft)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    atomic.check_target(out_dir, "folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # checked again when publishing: another export may get there first
         raise EdgetokError(f"-o {out} exists and is not empty; choose a new folder")
 
     with atomic.staging_dir(out_dir) as stage:
@@ -132,9 +133,7 @@ def export_pair(target: str, draft: str, out: str, say: Callable[[str], None] = 
             "versions": sidecar.versions("torch", "transformers", "onnx", "onnxruntime"),
         })
         sidecar.write(stage / MANIFEST, manifest)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for item in stage.iterdir():
-            shutil.move(str(item), out_dir / item.name)
+        atomic.publish_folder(stage, out_dir)  # one rename, onto nothing or an empty folder only
     manifest["path"] = str(out_dir)
     return manifest
 
@@ -148,6 +147,7 @@ def read_manifest(folder: str) -> dict:
     if not path.is_file():
         raise EdgetokError(f"{folder} has no {MANIFEST}; export it with `edgetok export spec-pair`")
     manifest = sidecar.load(path, "export the pair again")
+    _check_fields(manifest, path)
     for key in ("target", "draft", "tokenizer"):
         entry = manifest.get(key)
         if isinstance(entry, dict):
@@ -157,6 +157,96 @@ def read_manifest(folder: str) -> dict:
             if isinstance(entry.get("tree"), dict):
                 inside(folder, entry["tree"].get("file"), f"{MANIFEST} {key}.tree.file")
     return manifest
+
+
+DECODER_INTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_size", "hidden_size",
+                "vocab_size")
+
+
+def _damaged(path: Path, field: str, value, want: str) -> EdgetokError:
+    shown = "missing" if value is _MISSING else f"{json.dumps(value)[:40]}"
+    return EdgetokError(f"{path}: {field} is {shown}, {want}: the manifest was edited or damaged; export the pair "
+                        "again")
+
+
+_MISSING = object()
+
+
+def _check_fields(manifest, path: Path) -> None:
+    """Every manifest field the runtime and build-engine read, present and of its type: a tampered or damaged
+    manifest is one line naming the field, not a KeyError deep in a decoder."""
+    if not isinstance(manifest, dict):
+        raise _damaged(path, "the manifest", manifest, "not a JSON object")
+
+    def whole(where: dict, key: str, label: str, optional: bool = False) -> None:
+        value = where.get(key, _MISSING)
+        if optional and value in (None, _MISSING):
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _damaged(path, label, value, "not a positive integer")
+
+    for role in ("target", "draft"):
+        entry = manifest.get(role, _MISSING)
+        if role == "draft" and entry is None:
+            continue  # a target exported alone (--draft none)
+        if not isinstance(entry, dict):
+            raise _damaged(path, role, entry, "not an object" + (" (or null)" if role == "draft" else ""))
+        for key in DECODER_INTS:
+            whole(entry, key, f"{role}.{key}")
+        if entry["num_attention_heads"] % entry["num_key_value_heads"]:
+            raise _damaged(path, f"{role}.num_key_value_heads", entry["num_key_value_heads"],
+                           f"not a divisor of its {entry['num_attention_heads']} attention heads")
+        if entry.get("tree") is not None and not isinstance(entry["tree"], dict):
+            raise _damaged(path, f"{role}.tree", entry["tree"], "not an object")
+    whole(manifest, "vocab_size", "vocab_size")
+    whole(manifest, "max_length", "max_length", optional=True)
+    for role in ("target", "draft"):
+        entry = manifest.get(role)
+        if entry and entry["vocab_size"] != manifest["vocab_size"]:
+            raise _damaged(path, f"{role}.vocab_size", entry["vocab_size"],
+                           f"not the pair's vocab_size {manifest['vocab_size']}")
+    for key in ("tokenizer", "special_tokens"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise _damaged(path, key, manifest[key], "not an object (or null)")
+    for key, value in (manifest.get("special_tokens") or {}).items():
+        if key.endswith("_id") and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise _damaged(path, f"special_tokens.{key}", value, "not a token id (or null)")
+
+
+def check_decoder(model, entry: dict, role: str) -> None:
+    """The decoder ``model`` (an ONNX path, or an ONNX Runtime session already open) against the manifest's
+    ``entry`` for it: its KV-cache inputs (layers, KV heads, head size) and its logits (vocabulary). A manifest
+    edited to describe another model would otherwise feed wrong caches or decode against a wrong vocabulary."""
+    import re
+
+    if isinstance(model, (str, Path)):
+        import onnx
+
+        graph = onnx.load(str(model), load_external_data=False).graph
+        dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in [*graph.input, *graph.output]}
+        name = Path(model).name
+    else:
+        dims = {v.name: [d if isinstance(d, int) else None for d in v.shape]
+                for v in [*model.get_inputs(), *model.get_outputs()]}
+        name = f"the {role} decoder"
+    field = role.split("_")[0]  # target_tree: the target's entry
+    keys = {int(m.group(1)): shape for n, shape in dims.items() if (m := re.fullmatch(r"past_key_values\.(\d+)\.key", n))}
+
+    def refuse(key: str, actual) -> None:
+        raise EdgetokError(f"{MANIFEST} {field}.{key} is {entry[key]} but {name} has {actual}: the manifest does not "
+                           "describe its model (edited, or files mixed from two pairs); export the pair again")
+
+    if len(keys) != entry["num_hidden_layers"]:
+        refuse("num_hidden_layers", f"{len(keys)} layers of KV cache")
+    for shape in keys.values():
+        if len(shape) == 4 and shape[1] is not None and shape[1] != entry["num_key_value_heads"]:
+            refuse("num_key_value_heads", f"{shape[1]} KV heads")
+        if len(shape) == 4 and shape[3] is not None and shape[3] != entry["head_size"]:
+            refuse("head_size", f"a head size of {shape[3]}")
+    logits = dims.get("logits") or []
+    if logits and logits[-1] is not None and logits[-1] != entry["vocab_size"]:
+        refuse("vocab_size", f"{logits[-1]} logits per token")
 
 
 def default_mode(manifest: dict) -> str:

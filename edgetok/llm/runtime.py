@@ -17,7 +17,7 @@ import numpy as np
 
 from edgetok import hf
 from edgetok.errors import EdgetokError
-from edgetok.llm.pair import inside, read_manifest
+from edgetok.llm.pair import check_decoder, inside, read_manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -151,7 +151,9 @@ def open_decoder(folder: str, manifest: dict, role: str, backend: str = "onnxrun
                            "edgetok for --mode lookahead")
     if backend == "onnxruntime":
         relative = entry["tree"]["file"] if role == "target_tree" else entry["file"]
-        return OrtDecoder(inside(folder, relative, f"{role} file"), entry, device, threads)
+        decoder = OrtDecoder(inside(folder, relative, f"{role} file"), entry, device, threads)
+        check_decoder(decoder.session, entry, role)  # the manifest describes this model (layers, KV heads, vocab)
+        return decoder
     from edgetok.llm.trt_decoder import TrtDecoder
 
     engines = manifest.get("engines")

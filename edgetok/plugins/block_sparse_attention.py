@@ -35,6 +35,10 @@ from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, referen
 
 MIN_BLOCK = 16  # the attention kernel's tile: a block is a whole number of tiles
 MAX_BLOCKS = 128  # the selection kernel scores one query block against up to this many key blocks at once
+# The largest block: every kernel loops over a block's tiles (and the reference pads N up to whole blocks), so
+# a block is work even where it holds no token; 1024 covers any ViT edgetok exports in one block (DeiT at 448:
+# 785 tokens). A model's own bound is lower: its token count rounded up to a power of two (largest_block).
+MAX_BLOCK = 1024
 
 
 def _output_shapes(dims: list[list], f: dict) -> list[list]:
@@ -46,9 +50,9 @@ def _check(shapes: list[tuple[int, ...]], f: dict) -> None:
     check_attention("BlockSparseAttention", shapes, f)
     tokens = shapes[0][2]
     block = f["block"]
-    if block < MIN_BLOCK or block & (block - 1):
-        raise PluginError(f"BlockSparseAttention: block={block} must be a power of two >= {MIN_BLOCK} (the kernel "
-                          "tile), e.g. 64")
+    if block < MIN_BLOCK or block & (block - 1) or block > MAX_BLOCK:
+        raise PluginError(f"BlockSparseAttention: block={block} must be a power of two >= {MIN_BLOCK} and <= "
+                          f"{MAX_BLOCK} (the kernel tile .. one block for any ViT), e.g. 64")
     if math.ceil(tokens / block) > MAX_BLOCKS:
         raise PluginError(f"BlockSparseAttention: {tokens} tokens make {math.ceil(tokens / block)} blocks of {block}, "
                           f"more than {MAX_BLOCKS}; use a larger block (at least {_smallest_block(tokens)})")
@@ -63,6 +67,14 @@ def _check(shapes: list[tuple[int, ...]], f: dict) -> None:
 def _smallest_block(tokens: int) -> int:
     block = MIN_BLOCK
     while math.ceil(tokens / block) > MAX_BLOCKS:
+        block *= 2
+    return block
+
+
+def largest_block(tokens: int) -> int:
+    """The largest useful block for ``tokens`` tokens: one block holding them all (a larger one only pads)."""
+    block = MIN_BLOCK
+    while block < min(tokens, MAX_BLOCK):
         block *= 2
     return block
 

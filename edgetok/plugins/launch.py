@@ -268,8 +268,9 @@ def preflight(bundle, capability: int, driver: int) -> Image:
     """Before an engine is deserialized: the bundle matches this edgetok's kernels, has a build that runs
     on this GPU (compute capability ``capability``) under this driver (``driver``, cuDriverGetVersion's
     value), and holds that build's images of every kernel intact, so that enqueue cannot fail on them
-    (TensorRT would only log it). Returns what will be loaded."""
-    bundle.check_current()
+    (TensorRT would only log it). Returns what will be loaded. The whole bundle is verified first (every
+    member's SHA-256, nothing unlisted, our kernels' parameter layouts: ``cubins.verify``)."""
+    bundle.verify()
     image = choose_image(bundle, capability, driver)
     for name in bundle.manifest.get("kernels", {}):
         bundle.image(name, image.arch, image.kind)

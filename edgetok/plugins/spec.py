@@ -98,7 +98,7 @@ class PluginSpec:
                 values[f.name] = f.type(value) if f.type is float else int(value if isinstance(value, str) else number)
                 if f.type is int and number != values[f.name]:
                     raise ValueError
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # int(inf) overflows
                 raise PluginError(f"{self.name}: field {f.name}={value!r} is not {'an integer' if f.type is int else 'a number'}; "
                                   f"give e.g. {f.name}={f.default}") from None
         return values

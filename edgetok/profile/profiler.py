@@ -234,7 +234,7 @@ def write_reports(result: dict, out_dir: Path) -> list[Path]:
              f"{result['models'][0]['runner']['backend']} — {result['environment']['cpu']}")
     paths = [out_dir / "profile.json", out_dir / "profile.md", out_dir / "profile.png"]
     sidecar.write(paths[0], result)
-    atomic.write_text(paths[1], f"# edgetok profile\n\n{title}\n\n{compare.markdown(table)}\n")
+    atomic.write_text(paths[1], f"# edgetok profile\n\n{title}\n\n{compare.markdown(table)}\n\n{compare.notes(table)}\n")
     with atomic.staging_dir(paths[2]) as stage:
         compare.plot(table, stage / "profile.png", title)
         atomic.publish(stage, out_dir)
@@ -242,7 +242,7 @@ def write_reports(result: dict, out_dir: Path) -> list[Path]:
 
 
 def summary(result: dict) -> str:
-    lines = [compare.markdown(result["comparison"]), ""]
+    lines = [compare.markdown(result["comparison"]), "", compare.notes(result["comparison"]), ""]
     for m in result["models"]:
         lat = m["timings_ms"]["latency"]
         legs = ", ".join(f"{leg} median {m['timings_ms'][leg]['median']:.3f} ms"
@@ -250,7 +250,8 @@ def summary(result: dict) -> str:
         lines.append(
             f"{m['name']}: {m['iterations']} iterations in {m['wall_s']:.2f} s, latency min {lat['min']:.2f} / mean "
             f"{lat['mean']:.2f} / median {lat['median']:.2f} / p90 {lat['p90']:.2f} / p95 {lat['p95']:.2f} / p99 "
-            f"{lat['p99']:.2f} / max {lat['max']:.2f} ms (CV {lat['cv']:.1%}), {m['throughput']['qps']:.1f} qps"
+            f"{lat['p99']:.2f} / max {lat['max']:.2f} ms (CV {lat['cv']:.1%}), {m['throughput']['qps']:.1f} qps "
+            "(iterations / wall time)"
             + (f"; {legs}" if legs else "")
         )
         for kept in m.get("tokens_kept") or []:

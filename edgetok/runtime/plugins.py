@@ -63,14 +63,33 @@ def data_dependent_plugins(engine: str | Path) -> list[str]:
     return found
 
 
+def _report_plugins(engine: str | Path) -> dict:
+    report = Path(f"{engine}.build.json")
+    return (json.loads(report.read_text()).get("edgetok_plugins") or {}) if report.is_file() else {}
+
+
+def engine_host_code(engine: str | Path) -> bool:
+    """Whether the engine carries edgetok's plugin library inside (build-engine --serialize-plugins): the
+    runtime must then be allowed to run the engine's host code."""
+    return bool((_report_plugins(engine).get("library") or {}).get("serialized"))
+
+
 def prepare_engine(trt, engine: str | Path) -> list[dict]:
-    """Register edgetok's TensorRT plugins (launching the cubins carried beside the engine) before it is
-    deserialized, and check now what enqueue would otherwise fail on inside TensorRT, which only logs it:
-    the bundle is there, matches this edgetok's kernels, and has intact cubins (or PTX) that this GPU and its
-    driver can load."""
+    """Make edgetok's TensorRT plugins available before the engine is deserialized: for an engine built with
+    the C++ library, load that library (unless it is serialized into the engine); for one built with the
+    Python plugins, register them (launching the cubins carried beside the engine), and check now what enqueue
+    would otherwise fail on inside TensorRT, which only logs it: the bundle is there, matches this edgetok's
+    kernels, and has intact cubins (or PTX) that this GPU and its driver can load."""
     from edgetok.plugins.cubins import Bundle, bundle_path
 
     needed = engine_plugins(engine)
+    built = _report_plugins(engine) if needed else {}
+    if built.get("library"):
+        if not built["library"].get("serialized"):
+            from edgetok.plugins import library
+
+            library.load(trt, library.locate(built, engine))
+        return needed
     bundle = bundle_path(engine)
     if not bundle.is_file():
         if needed:

@@ -264,7 +264,12 @@ class TensorRTEngineRunner(Runner):
         from edgetok.runtime.plugins import prepare_engine
 
         self.plugins = prepare_engine(trt, path)  # before deserializing: the engine names their creators
-        engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(path).read_bytes())
+        runtime = trt.Runtime(self.logger)
+        from edgetok.runtime.plugins import engine_host_code
+
+        if engine_host_code(path):  # edgetok's plugin library serialized into the engine
+            runtime.engine_host_code_allowed = True
+        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None:
             raise EdgetokError(f"{module} could not load {path}: built for another GPU or {module} version? rebuild it here")
         self.engine = engine

@@ -30,13 +30,17 @@ class Sparsity:
     keep: float = 0.0
 
     def check(self, tokens: int) -> None:
-        from edgetok.plugins.block_sparse_attention import MAX_BLOCKS, blocks_of
+        from edgetok.plugins.block_sparse_attention import MAX_BLOCKS, blocks_of, largest_block
 
         if self.block >= 16 and not self.block & (self.block - 1) and blocks_of(tokens, self.block) > MAX_BLOCKS:
             raise EdgetokError(f"--attention-block {self.block}: the model's {tokens} tokens make "
                                f"{blocks_of(tokens, self.block)} blocks, more than {MAX_BLOCKS}; use a larger block")
         if self.block < 16 or self.block & (self.block - 1):
             raise EdgetokError(f"--attention-block {self.block} must be a power of two >= 16 (the kernel tile), e.g. 64")
+        if self.block > largest_block(tokens):
+            raise EdgetokError(f"--attention-block {self.block} is larger than the model's {tokens} tokens need (one "
+                               f"block of {largest_block(tokens)} holds them all; a larger one only pads): give "
+                               f"16..{largest_block(tokens)}")
         if not 0 < self.mass <= 1:
             raise EdgetokError(f"--attention-mass {self.mass} must be in (0, 1], e.g. 0.95")
         if not 0 <= self.keep <= 1 or self.keep != self.keep:

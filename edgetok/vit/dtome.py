@@ -9,15 +9,17 @@ optionally only among each image's ``cap`` best-matching A tokens (the reference
 So the number of tokens merged depends on the image.
 
 A batch keeps the batch maximum: each image's surviving tokens come first, as the reference's merge writes
-them (prefix tokens, the unmerged A tokens, then the B tokens, which decides the next block's A/B split), and
-the rest of its rows are padding (x = 0, size = 0; ``TokenTransform`` with
+them (prefix tokens, the unmerged A tokens, then the B tokens, which decides the next block's A/B split; an
+image none of whose pairs exceeds the threshold keeps its tokens in place, as the reference's per-image path
+returns ``do_nothing``), and the rest of its rows are padding (x = 0, size = 0; ``TokenTransform`` with
 ``pad=True``). Padding never merges nor receives a merge in later blocks; proportional attention's
 ``log(0) = -inf`` hides it from every query; with class-token pooling its outputs are never read.
 
 Thresholds are calibrated without gradients (``calibrate``), as the reference does with
 ``update_threshold``: each calibration batch runs with *batch-level* merging (block ``l`` merges the
 ``r_l * B`` best-matching A tokens of the whole batch of ``B`` images, whichever image they are in);
-the batch's threshold sample is the best-match similarity ranked just after them (index ``r_l * B`` in
+every image is re-laid out as the reference's batched path does, merges or not; the batch's threshold
+sample is the best-match similarity ranked just after them (index ``r_l * B`` in
 descending order, i.e. the (r_l·B + 1)-th largest, the largest one *not* merged), clamped at >= 0;
 ``tau_l`` is the plain mean of the samples over the batches. A block with ``r_l = 0`` (or one never
 sampled) keeps ``tau_l = +inf`` and never merges (the reference's initial threshold 1.0, which cosine
@@ -153,9 +155,13 @@ class DToMe:
             best = best.masked_fill(_rank(best) >= cap, -INF)
         if calibrating:
             merged = self._batch_level_merges(layer, best, k.shape[2], prefix)
+            # the batched path re-lays every image out (unless r, clamped to the tokens there are, is 0)
+            nothing = min(self.r[layer], (k.shape[2] - prefix) // 2) <= 0
+            in_place = torch.full((merged.shape[0],), nothing, dtype=torch.bool, device=merged.device)
         else:
             merged = best > self.thresholds[layer]
-        return self._build(layer, merged, matching, valid), None
+            in_place = _in_place(matching, self.thresholds[layer])
+        return self._build(layer, merged, matching, valid, in_place), None
 
     def reduce(self, amount: int, taps: dict, x, size, prefix: int, class_token: bool = True):
         """The step on the tokens themselves: (tokens, sizes), padded to the batch maximum.
@@ -190,8 +196,11 @@ class DToMe:
         weight = total[..., channels:]
         merged_x = total[..., :channels] / weight.clamp_min(torch.finfo(x.dtype).tiny)  # padding: 0 / tiny = 0
         keep = 1.0 - sources.amax(dim=1)  # every row but the merged A tokens
-        order = _merge_order(x, prefix, matching)  # DyMU's (and ToMe's) output order: prefix, A, B
-        pruned, pruned_size, _ = token_prune(merged_x[:, order], weight[:, order], keep[:, order], prefix)
+        # DyMU's (and ToMe's) output order: prefix, A, B; an image that merges nothing keeps its own
+        order = _merge_order(x, prefix, matching)[None, :].expand(x.shape[0], -1)
+        order = torch.where(_in_place(matching, self.thresholds[layer])[:, None], rows[None, :], order)
+        pruned, pruned_size, _ = token_prune(merged_x.gather(1, order[..., None].expand(-1, -1, channels)),
+                                             weight.gather(1, order[..., None]), keep.gather(1, order), prefix)
         if not torch.onnx.is_in_onnx_export():
             self.merges[layer] = merged.sum(dim=1).to(torch.int64)
             self.tokens[layer] = (pruned_size[..., 0] > 0).sum(dim=1)
@@ -224,9 +233,10 @@ class DToMe:
         chosen[order[:rb]] = True
         return (chosen & (flat > -INF)).view_as(best)  # never padding or a token with nothing to match
 
-    def _build(self, layer: int, merged, matching: Matching, valid) -> TokenTransform:
+    def _build(self, layer: int, merged, matching: Matching, valid, in_place) -> TokenTransform:
         """The TokenTransform of merging A tokens ``merged`` [B, n_a] into their matches: each image's
-        survivors as the merge writes them (prefix, unmerged A, B), then padding (index N: the zero row)."""
+        survivors as the merge writes them (prefix, unmerged A, B; in place where ``in_place`` [B]), then
+        padding (index N: the zero row)."""
         n, device = valid.shape[1], valid.device
         merged_rows = torch.zeros_like(valid)
         merged_rows[:, matching.a_start :: 2] = merged
@@ -234,12 +244,14 @@ class DToMe:
         counts = survive.sum(dim=1)
         width = int(counts.max())
         written = _merge_order(valid, min(matching.a_start, matching.b_start), matching)  # that minimum is the prefix
-        first = torch.sort((~survive[:, written]).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        order = written[first]  # survivors first, in the order the merge writes them
+        written = torch.where(in_place[:, None], torch.arange(n, device=device), written)  # [B, N]
+        alive = survive.gather(1, written)
+        first = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        order = written.gather(1, first)  # survivors first, in the order the merge writes them
         real = torch.arange(width, device=device) < counts[:, None]
         keep = torch.where(real, order, n)
         out_row = torch.empty(valid.shape, dtype=torch.int64, device=device)
-        out_row[:, written] = survive[:, written].cumsum(dim=1) - 1  # output row of each survivor
+        out_row.scatter_(1, written, alive.cumsum(dim=1) - 1)  # output row of each survivor
         n_merged = merged.sum(dim=1)
         most = int(n_merged.max()) if merged.numel() else 0
         src = dst = None
@@ -273,6 +285,14 @@ def _merge_order(x: torch.Tensor, prefix: int, matching: Matching) -> torch.Tens
     rows = dynamic_size(x, 1)
     return torch.cat([torch.arange(prefix, device=x.device), torch.arange(matching.a_start, rows, 2, device=x.device),
                       torch.arange(matching.b_start, rows, 2, device=x.device)])
+
+
+def _in_place(matching: Matching, threshold: float) -> torch.Tensor:
+    """[B] bool: the images none of whose A tokens has a match above ``threshold`` (before any cap). DyMU's
+    per-image path (``bipartite_soft_matching`` with a threshold, batch 1) returns ``do_nothing`` for them, so
+    their tokens stay where they are; any other image is re-laid out as prefix, A, B (even when a cap of 0
+    lets nothing merge, as there)."""
+    return ~(matching.best > threshold).any(dim=1)
 
 
 def _rank(best: torch.Tensor) -> torch.Tensor:
@@ -315,12 +335,7 @@ def _patched_with(vit, method: DToMe) -> None:
 
 def _image_batches(dataset, batch: int, dtype):
     for start in range(0, len(dataset), batch):
-        items = []
-        for i in range(start, min(start + batch, len(dataset))):
-            try:
-                items.append(dataset[i][0])
-            except Exception as exc:  # PIL's errors for a broken file
-                raise EdgetokError(f"cannot read image {dataset.samples[i][0]}: {str(exc).splitlines()[0]}") from None
+        items = [dataset[i][0] for i in range(start, min(start + batch, len(dataset)))]  # a broken image: one line
         yield torch.stack(items).to(dtype)
 
 
@@ -340,7 +355,18 @@ def calibrate(vit, method: DToMe, images: str, batch: int = 32, measure: bool = 
     if len(dataset) == 0:
         raise EdgetokError(f"--calibrate {images} has class folders but no images")
     dtype = next(vit.module.parameters()).dtype
-    thresholds = calibrate_batches(vit, method, lambda: _image_batches(dataset, batch, dtype), measure)
+    passes, total = iter(["calibrating thresholds", "measuring merges"]), -(-len(dataset) // batch)
+
+    def batches():  # a line per batch on stderr: DeiT-S takes minutes over a calibration folder on a CPU
+        import sys
+
+        what = next(passes, "pass")
+        for i, images in enumerate(_image_batches(dataset, batch, dtype), 1):
+            yield images
+            print(f"· dtome {what}: batch {i}/{total} ({min(i * batch, len(dataset))}/{len(dataset)} images)",
+                  file=sys.stderr, flush=True)
+
+    thresholds = calibrate_batches(vit, method, batches, measure)
     method.calibration = {"images": str(Path(images).resolve()), "samples": len(dataset), "batch": batch,
                           **(method.calibration or {})}
     return thresholds

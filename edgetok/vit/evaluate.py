@@ -33,26 +33,17 @@ def export_record(model: str) -> dict:
 
 
 def image_folder(root: str, data_config: dict, option: str = "--data"):
-    """torchvision's ImageFolder with timm's eval transform; clear errors (naming ``option``) for the usual
-    mistakes."""
+    """The image folder (edgetok.images: each file once, links cannot loop) with timm's eval transform;
+    clear errors (naming ``option``) for the usual mistakes and for images PIL cannot decode."""
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
 
-    path = Path(root)
-    if not path.is_dir():
-        raise EdgetokError(f"{option} {root} is not a folder; give an ImageFolder (one subfolder per class)")
-    if not any(p.is_dir() for p in path.iterdir()):
-        what = "is empty" if not any(path.iterdir()) else "has no class subfolders"
-        raise EdgetokError(f"{option} {root} {what}; give an ImageFolder: {root}/<class>/<image>.png")
+    from edgetok.images import ImageFolder
+
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
            if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
     if "image_mean" in data_config:  # Hugging Face processor naming
         cfg.update(mean=tuple(data_config["image_mean"]), std=tuple(data_config["image_std"]))
-    try:
-        dataset = ImageFolder(str(path), transform=create_transform(**cfg, is_training=False))
-    except FileNotFoundError as exc:
-        raise EdgetokError(f"{option} {root}: {exc}") from None
-    return dataset
+    return ImageFolder(root, create_transform(**cfg, is_training=False), option)
 
 
 def require_class_logits(model: str, outputs: list[str], head: str | None = None) -> None:
@@ -103,6 +94,7 @@ class Predictor:
             exported = record.get("model") or {}
             require_class_logits(model, ["logits"] if exported.get("num_classes") else [], exported.get("head"))
             self.runner = TensorRTEngineRunner(model, engine_backend(model).replace("-", "_"), batch, False, True)
+            self.sha256 = sidecar.file_sha256(model)
             self.tokens_kept = {block: [] for block in self.runner.count_outputs}
             self.kept_outputs = self.runner.kept_outputs
             self.attention_kept = {block: [] for block in self.kept_outputs}
@@ -168,12 +160,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = No
     logits, ref_logits, labels = [], [], []
     done = 0
     for start in range(0, len(dataset), opts.batch):
-        items = []
-        for i in range(start, min(start + opts.batch, len(dataset))):
-            try:
-                items.append(dataset[i])
-            except Exception as exc:  # PIL's errors for a broken file
-                raise EdgetokError(f"cannot read image {dataset.samples[i][0]}: {str(exc).splitlines()[0]}") from None
+        items = [dataset[i] for i in range(start, min(start + opts.batch, len(dataset)))]  # a broken image: one line
         images = torch.stack([x for x, _ in items]).numpy()
         labels += [y for _, y in items]
         logits.append(predictor(images))
@@ -191,11 +178,13 @@ def evaluate(opts: EvalOptions, progress: Callable[[int, int], None] | None = No
         "dataset": str(Path(opts.data).resolve()),
         "samples": int(len(labels)),
         "classes": len(dataset.classes),
+        **({"skipped": len(dataset.skipped)} if dataset.skipped else {}),  # links to images already counted, ...
         "top1": float((logits.argmax(1) == labels).mean()),
         "top5": float((top5 == labels[:, None]).any(axis=1).mean()) if logits.shape[1] >= 5 else None,
     }
-    if reference:
-        result["reference"] = {"model": opts.reference, **agreement(logits, np.concatenate(ref_logits))}
+    if reference:  # named by path and hash: a profile table showing this agreement later says what it is against
+        result["reference"] = {"model": opts.reference, "sha256": getattr(reference, "sha256", None),
+                               **agreement(logits, np.concatenate(ref_logits))}
     if getattr(predictor, "tokens_kept", None):  # data-dependent reduction: what the images kept, per block
         result["tokens_kept"] = {str(block): {"mean": round(float(np.mean(v)), 2), "min": int(min(v)), "max": int(max(v))}
                                  for block, v in sorted(predictor.tokens_kept.items())}

@@ -43,6 +43,8 @@ class ViTExportOptions:
     graph: str | None = None  # gtp: spatial | semantic | mixed (default spatial)
     head_variance: str | None = None  # zerotprune: "LOW,HIGH" of the heads combined (default 0.01,0.7)
     similarity_share: float | None = None  # zerotprune: share of each block's r its S stage prunes (default 0.5)
+    pitome_variant: str | None = None  # pitome: reference (the authors' current DeiT patch, default) | protected
+    sparsity: float | None = None  # gtp: θ, the share of each head's attention probabilities kept (default 1)
     img_size: int | None = None
     batch: int = 1
     opset: int = 17
@@ -95,13 +97,15 @@ def sparsity_of(opts: ViTExportOptions):
 
 REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
                 "calibrate", "cap", "propagate", "alpha", "graph", "head_variance",
-                "similarity_share", "img_size", "plugins", "attention",
+                "similarity_share", "pitome_variant", "sparsity", "img_size", "plugins", "attention",
                 "attention_block", "attention_mass", "attention_keep")
 
 
 def export_request(opts: ViTExportOptions) -> dict:
     """What an export was made from (model, weights, reduction), as recorded in its sidecar."""
     req = {k: getattr(opts, k) for k in REQUEST_KEYS}
+    if opts.method == "pitome":  # the variant it resolves to, so an export from before the option (protected) is stale
+        req["pitome_variant"] = opts.pitome_variant or "reference"
     if Path(opts.model).is_dir():
         req["model"] = str(Path(opts.model).resolve())
     if opts.checkpoint:
@@ -120,6 +124,13 @@ def stale_reason(out: Path, opts: ViTExportOptions) -> str | None:
         return why
     if (recorded.get("onnx") or {}).get("sha256") != sidecar.file_sha256(out):
         return "the ONNX changed after its export"
+    if recorded.get("plugins"):
+        import onnx
+
+        from edgetok.onnx.lint import unnamespaced_plugin_nodes
+
+        if unnamespaced_plugin_nodes(onnx.load(str(out), load_external_data=False)):
+            return "its plugin nodes lack plugin_namespace (exported before edgetok wrote it)"
     return None
 
 
@@ -148,7 +159,8 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
                          opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap,
                          defaults=vit.method_defaults, propagate=opts.propagate, alpha=opts.alpha, graph=opts.graph,
-                         head_variance=opts.head_variance, similarity_share=opts.similarity_share)
+                         head_variance=opts.head_variance, similarity_share=opts.similarity_share,
+                         pitome_variant=opts.pitome_variant, sparsity=opts.sparsity)
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
@@ -234,6 +246,9 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
         data["request"] = export_request(opts)
         sidecar.write(stage / sidecar.sidecar_path(out).name, data)
         with sidecar.locked(out):  # an eval recording accuracy must not write the old sidecar over this one
+            if sidecar.keep_accuracy(out, data):
+                sidecar.write(stage / sidecar.sidecar_path(out).name, data)
+                say("the ONNX is byte-identical to the one it replaces: its recorded accuracy is kept")
             atomic.publish(stage, out.parent)
     data["path"] = str(out)
     return data
@@ -250,7 +265,9 @@ def _kernel_bundle(path: Path, say: Callable[[str], None]) -> dict | None:
         say("no Triton here: the plugin kernels are not compiled; run `edgetok plugins build -o "
             f"{path.name}` on a machine with Triton (x86 with torch) and put it beside the ONNX")
         return None
-    say(f"compiling the plugin kernels ahead of time for {', '.join(cubins.ARCHS)} (cached after the first time)")
+    from edgetok.engine.build import cubins_source
+
+    say(cubins_source(list(cubins.ARCHS)))
     manifest = cubins.write_bundle(path, cubins.ARCHS, lambda s: None)
     return {"file": path.name, "archs": [a for a in cubins.ARCHS if a in manifest["archs"]], "triton": manifest["triton"],
             "kernels": sorted(manifest["kernels"])}

@@ -31,6 +31,10 @@ from edgetok.vit.token_transform import TokenTransform, apply_transform
 from edgetok.vit.tome import rank_descending
 
 GRAPHS = ("spatial", "semantic", "mixed")
+# --alpha is bounded (the reference takes any): a propagated token may weigh as much as the token it joins
+# (weight 1), no more; beyond that the residual stream grows block after block until float32 overflows
+# (alpha 1e30 on the digits model: outputs inf, an export that cannot validate).
+MAX_ALPHA = 1.0
 NEIGHBOURS = 8
 
 
@@ -99,8 +103,9 @@ class GTP:
     def __init__(self, propagate: list[int], alpha: float, graph: str, sparsity: float | None = None):
         if graph not in GRAPHS:
             raise EdgetokError(f"--graph {graph!r} is unknown; choose {', '.join(GRAPHS)}")
-        if not alpha >= 0 or not math.isfinite(alpha):
-            raise EdgetokError(f"--alpha {alpha} must be a finite number >= 0, e.g. 0.1")
+        if not 0 <= alpha <= MAX_ALPHA:
+            raise EdgetokError(f"--alpha {alpha} must be a finite number >= 0 and <= {MAX_ALPHA:g}: the weight of the "
+                               "propagated tokens (a kept token's own is 1), e.g. 0.1")
         theta = 1.0 if sparsity is None else sparsity
         if not 0 < theta <= 1:
             raise EdgetokError(f"--sparsity {sparsity} is out of range: give θ in (0, 1], the share of each head's "

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,7 +79,10 @@ def stale_reason(opts: QuantizeOptions) -> str | None:
     out = Path(opts.output) if opts.output else default_output(opts)
     if not out.is_file() or not sidecar.sidecar_path(out).is_file():
         return "missing"
-    q = sidecar.read(out).get("quantization") or {}
+    try:
+        q = sidecar.read(out).get("quantization") or {}
+    except EdgetokError as exc:  # a damaged sidecar, or one describing another file: quantize again
+        return str(exc)
     if (q.get("source_onnx") or {}).get("sha256") != sidecar.file_sha256(opts.model):
         return "its float model changed"
     calibration = q.get("calibration") or {}
@@ -188,10 +190,11 @@ def quantize(opts: QuantizeOptions, say: Callable[[str], None] = lambda s: None)
     out = Path(opts.output) if opts.output else default_output(opts)
     if out.resolve() == source.resolve():
         raise EdgetokError(f"-o {out} is the model itself; choose another file")
+    atomic.check_target(out, "file")  # a device, FIFO or link there: refused before calibrating
     dataset, indices = _calibration_set(opts, side)
     input_name = side["onnx"]["inputs"][0]["name"]
     say(f"calibrating on {len(indices)} images from {opts.calibrate}; quantizing {len(nodes)} layers")
-    with atomic.staging_dir(out) as stage, tempfile.TemporaryDirectory() as work:
+    with atomic.staging_dir(out) as stage, atomic.scratch_dir("quantize") as work:  # both swept if we are killed
         raw, float19 = Path(work) / "qdq.onnx", Path(work) / "float.onnx"
         # Opset 19 first: its DequantizeLinear may output float16, so build-engine --precision fp16 can convert the
         # float rest of the graph (at opset 17 the fp16 conversion leaves a float32 scale feeding float16 math).
@@ -236,7 +239,7 @@ def quantize(opts: QuantizeOptions, say: Callable[[str], None] = lambda s: None)
         }
         record["lint"] = {"findings": []}
         sidecar.write(stage / sidecar.sidecar_path(out).name, record)
-        atomic.publish(stage, out.parent)
+        atomic.publish(stage, out.parent)  # all or nothing, under the lock eval takes to record accuracy
     record["path"] = str(out)
     return record
 
@@ -284,7 +287,6 @@ def _onnxruntime_int8(source: Path, raw: Path, dataset, indices, input_name: str
 
 def _modelopt_fp8(source: Path, raw: Path, dataset, indices, nodes: list[str], work: Path) -> None:
     """Model Optimizer's FP8 quantizer in a child process, on a copy in ``work``, calibrating on the CPU."""
-    import subprocess
     import sys
 
     copy, calibration = work / "fp8_input.onnx", work / "calibration.npy"
@@ -293,10 +295,34 @@ def _modelopt_fp8(source: Path, raw: Path, dataset, indices, nodes: list[str], w
     command = [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(copy), "--quantize_mode", "fp8",
                "--calibration_data_path", str(calibration), "--calibration_eps", "cpu", "--output_path", str(raw),
                "--high_precision_dtype", "fp32", "--log_level", "ERROR", "--nodes_to_quantize", *nodes]
-    done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    done = run_child(command, work)
     if done.returncode != 0 or not raw.is_file():
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:240]
         raise EdgetokError(f"Model Optimizer's FP8 quantization failed: {tail}")
+
+
+# The child's first program, which then execs the real command: Linux will send it SIGKILL when its parent
+# dies, even by SIGKILL (prctl PR_SET_PDEATHSIG, kept across exec), and a parent gone already means exit at
+# once. A shim rather than subprocess's preexec_fn, which is unsafe once torch or ONNX Runtime run threads.
+_DIE_WITH_PARENT = ("import ctypes, os, sys\n"
+                    "if sys.platform.startswith('linux'):\n"
+                    "    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)\n"
+                    "if os.getppid() != int(sys.argv[1]):\n"
+                    "    os._exit(137)\n"
+                    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def run_child(command: list[str], work: Path):
+    """Run ``command`` (its first item an executable's path) in ``work`` as a child that dies with edgetok, its
+    own temporaries in ``work`` too (TMPDIR): a ``kill -9`` of quantize leaves no process behind, and only the
+    scratch folder, which the next run sweeps."""
+    import os
+    import subprocess
+    import sys
+
+    shim = [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid())]
+    return subprocess.run([*shim, *command], cwd=work, env={**os.environ, "TMPDIR": str(work)},
+                          capture_output=True, text=True)
 
 
 def _float_layers(model: onnx.ModelProto, quantized: set[str]) -> list[str]:

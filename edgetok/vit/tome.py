@@ -11,6 +11,7 @@ Proportional attention adds ``log(size)`` to the logits.
 from __future__ import annotations
 
 import ast
+import math
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,13 @@ def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> tuple[list[i
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise EdgetokError(f"r schedule {spec!r}: (r, inflect) must be numbers, e.g. '(8, -1)'")
         r, inflect = value
+        try:
+            ends = float(r) * (1.0 - inflect), 2.0 * r - float(r) * (1.0 - inflect)
+        except OverflowError:
+            ends = (math.inf,)
+        if not all(math.isfinite(v) for v in ends):  # e.g. (1e308, -1): 2r is not a number of tokens
+            raise EdgetokError(f"r schedule {spec!r}: (r, inflect) must give a finite number of tokens per block, "
+                               "e.g. '(8, -1)'")
         low = int(r * (1.0 - inflect))
         high = 2 * r - low
         step = (high - low) / max(depth - 1, 1)
