@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from edgetok.vit.digits import write_heldout_folder
-from edgetok.vit.evaluate import Predictor, image_folder
+from edgetok.images import image_folder
+from edgetok.workflows.evaluate import Predictor
 from edgetok.vit.export import ViTExportOptions, export_vit
 from edgetok.vit.flops import vit_macs
 from edgetok.vit.loading import load_vit
@@ -121,7 +122,7 @@ def main() -> None:
         print(f"{MODEL}, {count} held-out digits, batch 1, {where}, interleaved, medians")
         print("| model | top-1 | mean GMACs per image | tokens after the last block: mean [min-max] | median ms |")
         print("|---|---|---|---|---|")
-        for name in predictors:  # the README's table, row for row
+        for name in predictors:  # the table in docs/methods/dynamic.md, row for row
             ms = statistics.median(times[name]) * 1e3
             note = " (correctness run: plugin nodes as Python ops)" if name in dynamic and not args.torch else ""
             print(f"| {name} | {correct[name] / count:.2%} | {gmacs[name]:.4f} | {tokens[name]} | {ms:.2f}{note} |")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgetok.profile.compare import markdown
 from edgetok.profile.profiler import ProfileOptions, profile
-from edgetok.vit.comparison import METHODS, CompareOptions, _label, compare, match
+from edgetok.workflows.comparison import METHODS, CompareOptions, _label, compare, match
 from edgetok.vit.digits import NAME, write_heldout_folder
 from edgetok.vit.export import ViTExportOptions, export_vit
 from edgetok.vit.flops import vit_macs

@@ -22,8 +22,9 @@ import torch
 
 from edgetok.plugins import agreement, kernels
 from edgetok.plugins.spec import get
+from edgetok.plugins.token_merge import token_merge_margin
 from edgetok.vit.token_transform import apply_transform
-from edgetok.vit.tome import bipartite_transform
+from edgetok.vit.methods.tome_torch import bipartite_transform
 
 
 def cuda_ms(fn, calls: int = 100, rounds: int = 5) -> float:
@@ -93,7 +94,7 @@ def step_table(batches, rounds) -> None:
 
         # both sides on this GPU, in different orders: samples whose merge rests on a near tie (a reference
         # margin within float32 noise) may merge other pairs with both right; the others must agree
-        clear = torch.from_numpy(agreement.token_merge_margin(metric.cpu().numpy(), r, 1, 1) > agreement.noise(1.0))
+        clear = torch.from_numpy(token_merge_margin(metric.cpu().numpy(), r, 1, 1) > agreement.noise(1.0))
         clear = clear.to("cuda")
         diff = max(agreement.value_error(a[clear].cpu().numpy(), b[clear].cpu().numpy())
                    for a, b in zip(standard(), fused()))
@@ -139,7 +140,8 @@ def cubin_check() -> None:
 
 def end_to_end(batches, rounds) -> None:
     from edgetok.vit.loading import load_vit
-    from edgetok.vit.reduction import make_method, reduce_vit
+    from edgetok.vit.methods import make_method
+    from edgetok.vit.reduction import reduce_vit
 
     models = {}
     for name, method, plugins in (("dense", None, False), ("tome r=13", "tome", False),

@@ -17,9 +17,9 @@ from edgetok.engine.build import build_engine
 from edgetok.engine.options import BuildOptions
 from edgetok.onnx.fp16 import convert_to_fp16
 from edgetok.vit import digits
-from edgetok.vit.evaluate import EvalOptions, evaluate
+from edgetok.workflows.evaluate import EvalOptions, evaluate
 from edgetok.vit.export import ViTExportOptions, export_vit
-from edgetok.vit.quantize import QuantizeOptions, quantize
+from edgetok.workflows.quantize import QuantizeOptions, quantize
 
 METHODS = {"dense": dict(method="none"), "tome r=6": dict(method="tome", r=6), "evit 0.7": dict(method="evit", keep_rate=0.7)}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgetok.profile.profiler import ProfileOptions, profile
 from edgetok.vit import digits
-from edgetok.vit.evaluate import EvalOptions, evaluate
+from edgetok.workflows.evaluate import EvalOptions, evaluate
 from edgetok.vit.export import ViTExportOptions, export_vit
 
 VARIANTS = {"dense": dict(method="none")}

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from edgetok.vit.digits import NAME, write_heldout_folder
-from edgetok.vit.evaluate import EvalOptions, evaluate
+from edgetok.workflows.evaluate import EvalOptions, evaluate
 from edgetok.vit.export import ViTExportOptions, export_vit
 
 

@@ -19,7 +19,8 @@ import torch
 
 from edgetok.vit.flops import vit_macs
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 VARIANTS = {
     "dense": dict(name="none"),
@@ -47,7 +48,7 @@ def main() -> None:
                         help="diagnostic: ToMe without the log(size) bias (SDPA then needs no mask)")
     args = parser.parse_args()
     if args.no_prop_attn:
-        from edgetok.vit.tome import ToMe
+        from edgetok.vit.methods.tome_torch import ToMe
 
         ToMe.proportional_attention = False
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ import click
 from edgetok import __version__
 from edgetok import recipe as recipes
 from edgetok.errors import EdgetokError, os_error_message
+from edgetok.vit import methods as method_registry
+from edgetok.vit.methods import gtp as gtp_declaration
 
 
 def _ints(value: str | None, option: str = "--keep-layers") -> list[int] | None:
@@ -33,7 +35,7 @@ def _say(message: str) -> None:
 # costs a second, not the 10-20 s of loading one.
 MAX_EXPORT_BATCH = 64  # edgetok.vit.export.MAX_EXPORT_BATCH, which imports torch (a test keeps them equal)
 MIN_ATTENTION_BLOCK, MAX_ATTENTION_BLOCK = 16, 1024  # edgetok.plugins.block_sparse_attention's (a test, too)
-MAX_GTP_ALPHA = 1.0  # edgetok.vit.gtp.MAX_ALPHA (a test, too)
+MAX_GTP_ALPHA = gtp_declaration.MAX_ALPHA  # edgetok.vit.methods.gtp_torch.MAX_ALPHA (a test keeps them equal)
 
 
 def _flag(key: str) -> str:
@@ -54,13 +56,15 @@ def _check_export_values(values, flag=_flag) -> None:
     """The export options (flags, or a recipe's export: section) that can be refused without the model."""
     if not isinstance(values, dict):
         return  # recipes.section says what is wrong with the section itself
-    batch, keep_rate, checkpoint = values.get("batch"), values.get("keep_rate"), values.get("checkpoint")
+    batch, checkpoint = values.get("batch"), values.get("checkpoint")
+    method = values.get("method", "none")
+    if isinstance(method, str):  # the method is known, no other method's option is given, each is in range
+        given = {k: values.get(k) for k in method_registry.all_options() if k in values}
+        method_registry.check_options(method, given, flag)
     if _number(batch) and not 1 <= batch <= MAX_EXPORT_BATCH:
         raise EdgetokError(f"{flag('batch')} {batch} is out of range: give 1..{MAX_EXPORT_BATCH}. The export batch is "
                            "only the example traced (the ONNX takes any batch; engines get theirs from build-engine "
                            "--batch), so a large one only costs memory")
-    if _number(keep_rate) and not 0 < keep_rate <= 1:
-        raise EdgetokError(f"{flag('keep_rate')} {keep_rate} is out of range: give a value in (0, 1], e.g. 0.7")
     if isinstance(checkpoint, str) and not Path(checkpoint).is_file():
         what = "is a folder" if Path(checkpoint).is_dir() else "does not exist"
         raise EdgetokError(f"{flag('checkpoint')} {checkpoint} {what}; give a .pth or .safetensors file")
@@ -68,18 +72,6 @@ def _check_export_values(values, flag=_flag) -> None:
         raise EdgetokError(f"{flag('output')} {values['output']} must end in .onnx")
     if isinstance(values.get("output"), str):
         _check_output_place(values["output"], flag("output"))
-    sparsity = values.get("sparsity")
-    if _number(sparsity) and not 0 < sparsity <= 1:
-        raise EdgetokError(f"{flag('sparsity')} {sparsity} is out of range: give θ in (0, 1], the share of each head's "
-                           "attention kept (1 keeps all), e.g. 0.8")
-    budget = values.get("ats_budget")
-    if _number(budget) and not (math.isfinite(budget) and budget > 0 and (budget <= 1 or budget == int(budget))):
-        raise EdgetokError(f"{flag('ats_budget')} {budget} must be a token count (an integer, e.g. 100) or a fraction "
-                           "in (0, 1], e.g. 0.5")
-    alpha = values.get("alpha")
-    if _number(alpha) and not 0 <= alpha <= MAX_GTP_ALPHA:
-        raise EdgetokError(f"{flag('alpha')} {alpha} must be a finite number >= 0 and <= {MAX_GTP_ALPHA:g}: the weight "
-                           "of the propagated tokens (a kept token's own is 1), e.g. 0.1")
     _check_attention_values(values, flag)
     if values.get("method") == "dtome" and isinstance(values.get("calibrate"), str):
         _check_image_folder(values["calibrate"], flag("calibrate"), "train")
@@ -185,40 +177,49 @@ def export(ctx: click.Context, recipe: str | None) -> None:
     kind = values.pop("kind", "vit")
     if kind != "vit":
         raise EdgetokError(f"recipe {name}: export.kind {kind!r} is not supported; use 'vit'")
-    for key in ("keep_layers", "ats_blocks"):
+    for key in [k for k, o in method_registry.all_options().items() if o.type == "ints"]:  # "3,6,9" in a recipe
         if isinstance(values.get(key), str):
             values[key] = _ints(values[key], _recipe_key(name, "export")(key))
     click.echo(summary(export_vit(ViTExportOptions(**values), _say)))
 
 
+def _method_flags(command):
+    """``export vit``'s reduction flags, one per option the registered methods declare (edgetok.vit.methods):
+    the help names the methods that take it; which method may take it is checked once, by check_options."""
+    click_types = {"int": int, "float": float}
+    for name, option in reversed(method_registry.all_options().items()):
+        if not option.cli:
+            continue
+        owners = [m for m in method_registry.owners(name) if m.option(name).cli]
+        helps = []
+        for m in owners:
+            o = m.option(name)
+            extra = ", ".join(x for x in (f"in {o.range_text()}" if o.range else "",
+                                          f"one of {', '.join(o.choices)}" if o.choices else "",
+                                          f"default {o.default}" if o.default is not None else "") if x)
+            helps.append(f"{m.name}: {o.help}" + (f" ({extra})" if extra else ""))
+        command = click.option(option.flag, name, type=click_types.get(option.type, str), metavar=option.metavar,
+                               help="; ".join(helps) + ".")(command)
+    return command
+
+
+def _method_values(method: str, given: dict) -> dict:
+    """The method options given on the command line, parsed as the registry declares them (block lists, ATS's
+    count); checked first, in one line each."""
+    given = {k: v for k, v in given.items() if v is not None}
+    for key in [k for k in given if method_registry.all_options()[k].type == "ints"]:
+        given[key] = _ints(given[key], _flag(key))
+    method_registry.check_options(method, given, _flag)
+    chosen = method_registry.get(method)
+    return {k: chosen.option(k).parse(v) if chosen.option(k).parse else v for k, v in given.items()}
+
+
 @export.command("vit")
 @click.argument("model")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .pth/.safetensors weights for a timm name.")
-@click.option("--method", type=click.Choice(["none", "tome", "evit", "ats", "dtome", "pitome", "gtp", "zerotprune"]),
-              default="none", show_default=True)
-@click.option("--r", "r", type=int, help="ToMe/PiToMe: tokens merged in every block; zerotprune: tokens pruned; "
-              "dtome: the mean its calibration aims at.")
-@click.option("--r-schedule", help="ToMe: '(r, inflect)' e.g. '(16, -1)' (decreasing), or a per-block list '16,16,8'.")
-@click.option("--keep-rate", type=float, help="EViT: fraction of non-prefix tokens kept at each keep layer, in (0, 1]; "
-              "pitome/zerotprune: kept in every block.")
-@click.option("--keep-layers", help="EViT: 0-based blocks that prune, e.g. 3,6,9 (default: depth/4, depth/2, 3depth/4).")
-@click.option("--ats-blocks", help="ATS: 0-based blocks that sample, e.g. 3,4,...,11 (default: the model's own, else depth/4 to the last).")
-@click.option("--ats-budget", type=float, help="ATS: tokens kept at most (with the class token), or a fraction (default 1.0).")
-@click.option("--calibrate", type=click.Path(), help="dtome: image folder its per-block thresholds are calibrated on.")
-@click.option("--cap", type=int, help="dtome: at most this many merges per image and block.")
-@click.option("--propagate", help="gtp: tokens propagated and removed per block, e.g. 8, or a list 8,8,4.")
-@click.option("--alpha", type=float, help="gtp: weight of the propagated tokens (default 0.1).")
-@click.option("--graph", help="gtp: spatial (8 grid neighbours, default), semantic (8 most similar) or mixed.")
-@click.option("--head-variance", help="zerotprune: LOW,HIGH variance of a head's N·score to be combined "
-              "(default 0.01,0.7; 0,inf keeps every head).")
-@click.option("--similarity-share", type=float, help="zerotprune: share of each block's r pruned by similarity (S stage) "
-              "rather than importance, in [0, 1] (default 0.5).")
-@click.option("--pitome-variant", type=click.Choice(["reference", "protected"]),
-              help="pitome: reference (the authors' current DeiT patch: bsm merging in the first half, margin "
-                   "0.75-0.75*l/L, default) or protected (energy-protected merging everywhere, 0.9-0.8*l/L, "
-                   "proportional attention).")
-@click.option("--sparsity", type=float, help="gtp: θ, the share of each head's attention probabilities kept in "
-              "every block (the rest set to 0), in (0, 1] (default 1: all).")
+@click.option("--method", default="none", show_default=True,
+              help=f"Reduction method: {', '.join(method_registry.names())} (`edgetok methods` lists them with their options).")
+@_method_flags
 @click.option("--img-size", type=int, help="Input resolution (a multiple of the patch size).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Example batch for export (batch stays dynamic).")
 @click.option("--opset", type=int, default=17, show_default=True)
@@ -233,30 +234,44 @@ def export(ctx: click.Context, recipe: str | None) -> None:
               "(default 0.95; 1 = dense).")
 @click.option("--attention-keep", type=float, help="sparse: keep this fraction of key blocks instead of a mass.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .onnx (default: edgetok-out/<model>_<method>.onnx).")
-def export_vit_cmd(model, checkpoint, method, r, r_schedule, keep_rate, keep_layers, ats_blocks, ats_budget, calibrate,
-                   cap, propagate, alpha, graph, head_variance, similarity_share, pitome_variant, sparsity, img_size,
-                   batch, opset,
-                   allow_unsupported_ops, plugins, attention, attention_block, attention_mass, attention_keep,
-                   output) -> None:
+def export_vit_cmd(model, checkpoint, method, img_size, batch, opset, allow_unsupported_ops, plugins, attention,
+                   attention_block, attention_mass, attention_keep, output, **method_options) -> None:
     """Export a timm ViT name or Hugging Face ViT folder MODEL with token reduction."""
-    _check_export_values(dict(batch=batch, keep_rate=keep_rate, checkpoint=checkpoint, output=output, method=method,
-                              calibrate=calibrate, sparsity=sparsity, ats_budget=ats_budget, alpha=alpha,
+    method_options = _method_values(method, method_options)
+    _check_export_values(dict(batch=batch, checkpoint=checkpoint, output=output, method=method,
                               attention_block=attention_block, attention_mass=attention_mass,
-                              attention_keep=attention_keep))
+                              attention_keep=attention_keep, **method_options))
     from edgetok.vit.export import ViTExportOptions, export_vit, summary
 
     opts = ViTExportOptions(
-        model=model, checkpoint=checkpoint, method=method, r=r, r_schedule=r_schedule, keep_rate=keep_rate,
-        keep_layers=_ints(keep_layers), ats_blocks=_ints(ats_blocks, "--ats-blocks"),
-        ats_budget=int(ats_budget) if ats_budget is not None and ats_budget > 1 and ats_budget == int(ats_budget) else ats_budget,
-        calibrate=calibrate, cap=cap, propagate=propagate, alpha=alpha, graph=graph,
-        head_variance=head_variance, similarity_share=similarity_share, pitome_variant=pitome_variant,
-        sparsity=sparsity, img_size=img_size, batch=batch,
-        opset=opset, output=output,
-        allow_unsupported_ops=allow_unsupported_ops, plugins=plugins, attention=attention,
-        attention_block=attention_block, attention_mass=attention_mass, attention_keep=attention_keep,
+        model=model, checkpoint=checkpoint, method=method, method_options=method_options, img_size=img_size,
+        batch=batch, opset=opset, output=output, allow_unsupported_ops=allow_unsupported_ops, plugins=plugins,
+        attention=attention, attention_block=attention_block, attention_mass=attention_mass,
+        attention_keep=attention_keep,
     )
     click.echo(summary(export_vit(opts, _say)))
+
+
+@cli.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON (what the docs' method table reads).")
+def methods_cmd(as_json: bool) -> None:
+    """List the reduction methods: options, types, defaults, ranges, paper, reference code and departures."""
+    described = method_registry.describe()
+    if as_json:
+        click.echo(json.dumps({"methods": described}, indent=2))
+        return
+    for m in described:
+        click.echo(f"{m['name']}: {m['summary']}")
+        for key in ("paper", "reference"):
+            if m[key]:
+                click.echo(f"  {key:<10} {m[key]}")
+        for o in m["options"]:
+            click.echo(f"  {o['flag']:<20} {o['type']:<8} " + ", ".join(x for x in (
+                f"default {o['default']}" if o["default"] is not None else "",
+                f"in {o['range']['text']}" if o["range"] else "",
+                f"one of {', '.join(o['choices'])}" if o["choices"] else "") if x) + f"  {o['help']}")
+        for d in m["departures"]:
+            click.echo(f"  departs    {d}")
 
 
 @cli.command("build-engine")
@@ -360,8 +375,8 @@ def _check_recipe_paths(data: dict, recipe: str) -> None:
 
 def _ensure_quantized(data: dict, recipe: str, source: Path, echo: bool = False) -> Path:
     """The recipe's quantize: section applied to ``source``; reused when its sidecar says it is that."""
-    from edgetok.vit.quantize import RECIPE_KEYS, QuantizeOptions, default_output, quantize, stale_reason
-    from edgetok.vit.quantize import summary as quantize_summary
+    from edgetok.workflows.quantize import RECIPE_KEYS, QuantizeOptions, default_output, quantize, stale_reason
+    from edgetok.workflows.quantize import summary as quantize_summary
 
     values = dict(recipes.section(data, "quantize", RECIPE_KEYS, recipe))
     if "calibrate" not in values:
@@ -638,7 +653,7 @@ def quantize_cmd(model, mode, calibrate, samples, output, targets) -> None:
     if output:
         _check_output_place(output, "-o")
     from edgetok.engine.options import parse_targets
-    from edgetok.vit.quantize import QuantizeOptions, quantize, summary
+    from edgetok.workflows.quantize import QuantizeOptions, quantize, summary
 
     click.echo(summary(quantize(QuantizeOptions(model=model, calibrate=calibrate, mode=mode, samples=samples,
                                                 output=output, targets=parse_targets(list(targets))), _say)))
@@ -648,7 +663,7 @@ def quantize_cmd(model, mode, calibrate, samples, output, targets) -> None:
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder the methods are evaluated on.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights when MODEL is a timm name.")
-@click.option("--methods", default=",".join(("tome", "pitome", "zerotprune", "gtp", "evit")), show_default=True,
+@click.option("--methods", default=",".join(method_registry.comparable()), show_default=True,
               help="Fixed-count methods to match (comma-separated).")
 @click.option("--fractions", default="0.65,0.5", show_default=True,
               help="GMACs targets as shares of the dense model's (DeiT-S: 3.0 and 2.3 GMACs).")
@@ -668,7 +683,7 @@ def compare_cmd(model, data, checkpoint, methods, fractions, batch, duration, ro
     _check_compare_values(data, methods.split(","), shares, batch, duration, rounds)
     _check_output_place(str(Path(output_dir) / "profile.json"), "-o")
     from edgetok.profile.profiler import summary
-    from edgetok.vit.comparison import CompareOptions, compare
+    from edgetok.workflows.comparison import CompareOptions, compare
 
     result = compare(CompareOptions(model=model, data=data, checkpoint=checkpoint, methods=methods.split(","),
                                     fractions=shares, batch=batch, duration_s=duration, rounds=rounds,
@@ -680,7 +695,7 @@ def compare_cmd(model, data, checkpoint, methods, fractions, batch, duration, ro
 def _check_compare_values(data: str, methods: list[str], shares: list[float], batch: int, duration: float,
                           rounds: int) -> None:
     """compare's options and its images, before the variants are exported and evaluated (minutes)."""
-    from edgetok.vit.comparison import METHODS
+    from edgetok.workflows.comparison import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -714,7 +729,7 @@ def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> 
     _check_image_folder(data, "--data", "heldout")
     import json
 
-    from edgetok.vit.evaluate import EvalOptions, evaluate
+    from edgetok.workflows.evaluate import EvalOptions, evaluate
 
     opts = EvalOptions(model=model, data=data, batch=batch, reference=reference, write_sidecar=not no_sidecar,
                        checkpoint=checkpoint)

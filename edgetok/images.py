@@ -163,3 +163,17 @@ class ImageFolder:
         path, label = self.samples[index]
         image = read_image(path)
         return (self.transform(image) if self.transform is not None else image), label
+
+
+def image_folder(root: str, data_config: dict, option: str = "--data") -> ImageFolder:
+    """The image folder with timm's eval transform for ``data_config`` (a timm data config, or a Hugging Face
+    processor's ``image_mean``/``image_std``): the model's own preprocessing, so eval's ``--data``,
+    quantize's and dtome's ``--calibrate`` and profile's ``--inputs`` see the same tensors. Here, below the
+    methods and the workflows, so that dtome's calibration reads images without importing eval."""
+    from timm.data import create_transform
+
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
+           if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+    if "image_mean" in data_config:  # Hugging Face processor naming
+        cfg.update(mean=tuple(data_config["image_mean"]), std=tuple(data_config["image_std"]))
+    return ImageFolder(root, create_transform(**cfg, is_training=False), option)

@@ -12,7 +12,8 @@ from cli_assertions import run_cli
 from test_reference import build
 
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 
 def assert_zero_reduction_is_the_model(method: str, **options) -> None:
@@ -27,7 +28,7 @@ def assert_zero_reduction_is_the_model(method: str, **options) -> None:
 def assert_export_matches_pytorch(export: dict, folder, method: str, **options) -> None:
     from edgetok.onnx.validate import ort_session
     from edgetok.vit.digits import write_heldout_folder
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
     from edgetok.vit.loading import load_vit
 
     vit = load_vit("edgetok_digits_vit")

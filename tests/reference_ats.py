@@ -1,5 +1,5 @@
 """ATS for one image, written from the reference code's steps as plain Python loops (independent of
-edgetok/vit/ats.py): the reference's softmax_with_policy, the scores, the tokens kept for given scores, and a
+edgetok/vit/methods/ats_torch.py): the reference's softmax_with_policy, the scores, the tokens kept for given scores, and a
 whole model's forward (adaptivetokensampling/ATS, libs/models/transformers/transformer_block.py, ats_block.py)."""
 
 import math

@@ -7,6 +7,7 @@ import pytest
 
 from edgetok.plugins import agreement as ag
 from edgetok.plugins import spec as plugin_spec
+from edgetok.plugins.token_merge import token_merge_margin
 
 
 def test_a_near_tie_flip_is_accepted_and_a_clear_wrong_decision_refused():
@@ -67,9 +68,9 @@ def test_token_merge_margin_finds_the_near_tie_a_sample_rests_on():
     a = metric[1, 2] / np.linalg.norm(metric[1, 2])  # sample 1: A token 2's two best matches (B 3 and 5) tie
     metric[1, 3] = a * 2.0
     metric[1, 5] = a * 3.0 + 1e-9 * rng.standard_normal(8)
-    margin = ag.token_merge_margin(metric, 8, 1, 1)
+    margin = token_merge_margin(metric, 8, 1, 1)
     assert margin[0] > 1e-4 and margin[1] <= ag.noise(1.0)
-    assert (ag.token_merge_margin(metric, 0, 1, 1) == np.inf).all()
+    assert (token_merge_margin(metric, 0, 1, 1) == np.inf).all()
 
 
 # ---- `plugins check --device cuda`: each spec's margins hook, through check's compare ----------------------

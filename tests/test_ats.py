@@ -9,10 +9,11 @@ from reference_ats import ats_forward, ats_keep, ats_scores
 
 from edgetok.onnx.validate import ort_session
 from edgetok.plugins.token_counts import add_count_outputs, engine_count_outputs, per_image, sizes_outputs
-from edgetok.vit.ats import ATS
+from edgetok.vit.methods.ats_torch import ATS
 from edgetok.vit.export import ViTExportOptions, export_vit
 from edgetok.vit.loading import load_vit
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 
 @pytest.mark.parametrize("tokens,n_ref,budget", [(17, 17, 1.0), (65, 65, 1.0), (65, 65, 0.5), (65, 65, 20),
@@ -79,7 +80,7 @@ def _digits_ats(budget=None):
 def digits(tmp_path_factory):
     """Held-out digit images, preprocessed as eval does."""
     from edgetok.vit.digits import write_heldout_folder
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
 
     folder = write_heldout_folder(tmp_path_factory.mktemp("digits") / "heldout")["path"]
     dataset = image_folder(folder, load_vit("edgetok_digits_vit").preprocessing)
@@ -316,7 +317,8 @@ def test_default_blocks_come_from_the_model_else_the_reference_config_scaled():
     """The reference model declares where ATS samples (chosen on its training split, bench/ats_blocks.py); other
     models get the reference's DeiT-S config (blocks 3..11 of 12) scaled to their depth; --ats-blocks wins."""
     from edgetok.vit.loading import load_vit
-    from edgetok.vit.reduction import make_method, plan
+    from edgetok.vit.methods import make_method
+    from edgetok.vit.reduction import plan
 
     digits = load_vit("edgetok_digits_vit")
     assert digits.method_defaults == {"ats_blocks": [4, 5]}

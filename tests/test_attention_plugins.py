@@ -126,7 +126,7 @@ def digits():
     import tempfile
 
     from edgetok.vit.digits import write_heldout_folder
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
     from edgetok.vit.loading import load_vit
 
     with tempfile.TemporaryDirectory() as tmp:

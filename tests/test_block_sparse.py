@@ -140,7 +140,7 @@ def heldout(tmp_path_factory):
 @pytest.mark.slow
 def test_sparse_export_matches_pytorch_and_mass_one_is_the_dense_export(tmp_path, heldout):
     from edgetok.onnx.validate import ort_session
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
     from edgetok.vit.export import ViTExportOptions, export_vit
     from edgetok.vit.loading import load_vit
     from edgetok.vit.reduction import reduce_vit
@@ -152,7 +152,7 @@ def test_sparse_export_matches_pytorch_and_mass_one_is_the_dense_export(tmp_path
     assert side["reduction"]["attention_sparsity"] == {"block": 16, "mass": 0.8, "keep": 0.0}
     assert {"name": "BlockSparseAttention", "namespace": "edgetok", "version": "1", "nodes": 6} in side["plugins"]
     from edgetok.vit.attention import Sparsity
-    from edgetok.vit.reduction import make_method
+    from edgetok.vit.methods import make_method
 
     reduce_vit(vit, make_method("tome", 6, r=4), attention="sparse", sparsity=Sparsity(16, 0.8))
     with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 import pytest
 from cli_assertions import assert_one_line_error, run_cli
 
-from edgetok.vit.comparison import METHODS, match
+from edgetok.workflows.comparison import METHODS, match
 
 
 @pytest.mark.slow

@@ -27,13 +27,13 @@ from transformers import (
 
 from edgetok.llm.decoder import CausalLM, DecoderWithCache, DecoderWithTree, attention
 from edgetok.llm.pair import export_pair
+from edgetok.llm.kv_decoder import tree_inputs
 from edgetok.llm.runtime import (
     generate_draft_free,
     generate_speculative,
     generate_target,
     open_decoder,
     open_pair,
-    tree_inputs,
 )
 
 COMMON = dict(vocab_size=96, max_position_embeddings=128)

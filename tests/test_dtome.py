@@ -1,4 +1,4 @@
-"""DyMU's dynamic ToMe (edgetok/vit/dtome.py): the step and the patched models equal the loop reference
+"""DyMU's dynamic ToMe (edgetok/vit/methods/dtome_torch.py): the step and the patched models equal the loop reference
 (tests/reference_impl.py), a padded batch equals its images run one by one, calibration follows the
 reference's rule and hits the target mean r, the cap holds, and +inf thresholds are the dense model.
 
@@ -19,7 +19,7 @@ from reference_impl import attention, dtome_forward, dtome_merge, embedded
 
 from edgetok.errors import EdgetokError
 from edgetok.vit import digits
-from edgetok.vit.dtome import DToMe, calibrate, calibrate_batches, make_dtome
+from edgetok.vit.methods.dtome_torch import DToMe, calibrate, calibrate_batches, make_dtome
 from edgetok.vit.loading import from_timm, load_vit
 from edgetok.vit.reduction import plan, reduce_vit
 from edgetok.vit.token_transform import TokenTransform, apply_transform
@@ -170,7 +170,7 @@ def test_cap_keeps_the_best_matches():
 def test_calibration_sample_is_the_best_unmerged_similarity():
     """Batch-level merging of the r·B best edges; the sample is the next one (index r·B), clamped >= 0;
     the threshold is the mean of the batches' samples."""
-    from edgetok.vit.tome import bipartite_match
+    from edgetok.vit.methods.tome_torch import bipartite_match
 
     counts = [21, 21, 17]
     method = DToMe([2])
@@ -346,7 +346,7 @@ def test_digits_model_padded_batch_equals_one_by_one(tmp_path):
     method = make_dtome(vit.depth, r=6)
     calibrate(vit, method, str(tmp_path / "digits"), batch=16)
     assert abs(sum(method.calibration["measured"]["mean_merges_per_layer"]) / vit.depth - 6) <= 0.5
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
 
     data = image_folder(str(tmp_path / "digits"), vit.preprocessing)
     x = torch.stack([data[i][0] for i in range(0, 48, 5)])

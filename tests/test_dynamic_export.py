@@ -11,10 +11,11 @@ from cli_assertions import assert_one_line_error, run_cli
 
 from edgetok.onnx.validate import ort_session
 from edgetok.vit.digits import write_heldout_folder
-from edgetok.vit.evaluate import image_folder
+from edgetok.images import image_folder
 from edgetok.vit.export import ViTExportOptions, export_vit
 from edgetok.vit.loading import load_vit
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 
 @pytest.fixture(scope="module")

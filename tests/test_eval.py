@@ -8,7 +8,7 @@ import pytest
 from cli_assertions import assert_one_line_error, run_cli
 
 from edgetok.vit import digits
-from edgetok.vit.evaluate import EvalOptions, agreement, evaluate
+from edgetok.workflows.evaluate import EvalOptions, agreement, evaluate
 from edgetok.vit.export import ViTExportOptions, export_vit
 
 RECORD = digits.training_record()
@@ -122,7 +122,7 @@ def test_agreement_names_its_reference_and_a_byte_identical_reexport_keeps_the_a
 @pytest.mark.slow
 def test_dtome_calibration_reports_each_batch_on_stderr(capsys, tmp_path):
     """A line per batch for each of calibration's two passes (40 training digits in batches of 16: 16, 16, 8)."""
-    from edgetok.vit.dtome import calibrate, make_dtome
+    from edgetok.vit.methods.dtome_torch import calibrate, make_dtome
     from edgetok.vit.loading import load_vit
 
     images, labels = digits.digit_images()

@@ -9,7 +9,8 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from edgetok.errors import EdgetokError
 from edgetok.vit.loading import from_hf, from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 SMALL = dict(depth=3, embed_dim=64, num_heads=4, num_classes=10)
 

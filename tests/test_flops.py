@@ -7,7 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgetok.vit.flops import vit_macs
 from edgetok.vit.loading import from_timm, load_vit
-from edgetok.vit.reduction import make_method, plan, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import plan, reduce_vit
 
 
 def notes_formula(n0: int, c: int, r: int, depth: int = 12) -> float:

@@ -14,9 +14,10 @@ from reference_impl import gtp_forward
 from test_reference import ATOL, MIN_GAP, build
 
 from edgetok.errors import EdgetokError
-from edgetok.vit.gtp import parse_propagate, sparsify
+from edgetok.vit.methods.gtp_torch import parse_propagate, sparsify
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 from edgetok.vit.token_transform import TokenTransform, apply_transform
 
 

@@ -188,7 +188,7 @@ def digits_data(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_does_not_record_accuracy_for_a_model_replaced_meanwhile(tmp_path, digits_data):
     from edgetok.vit import digits
-    from edgetok.vit.evaluate import EvalOptions, evaluate
+    from edgetok.workflows.evaluate import EvalOptions, evaluate
     from edgetok.vit.export import ViTExportOptions, export_vit
 
     out = str(tmp_path / "m.onnx")

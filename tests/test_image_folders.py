@@ -16,7 +16,7 @@ from cli_assertions import assert_one_line_error, run_cli
 
 from edgetok.images import ImageFolder, walk
 from edgetok.vit.digits import write_heldout_folder
-from edgetok.vit.evaluate import image_folder
+from edgetok.images import image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = 539  # images in the digits held-out split

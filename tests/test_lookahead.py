@@ -98,7 +98,7 @@ def test_the_tree_helpers():
 
 def test_the_tree_mask_and_positions():
     """Root 0; 1 and 2 under the root; 3 under 1; 4 under 3: each row sees the cache, itself and its ancestors."""
-    from edgetok.llm.runtime import tree_inputs
+    from edgetok.llm.kv_decoder import tree_inputs
 
     mask, positions = tree_inputs(2, [-1, -1, 0, 2])
     rows = [[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 0, 1, 0],

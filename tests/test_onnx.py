@@ -10,7 +10,8 @@ from edgetok.onnx.export import export_module
 from edgetok.onnx.lint import lint
 from edgetok.onnx.validate import compare_with_torch
 from edgetok.vit.loading import from_hf, from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 CASES = {
     "dense": dict(name="none"),

@@ -28,14 +28,14 @@ def in_tmp(tmp_path, monkeypatch):
 @pytest.fixture()
 def no_export(monkeypatch):
     """Any export, evaluation or comparison that starts fails the test: the refusal must come first."""
-    import edgetok.vit.comparison
+    import edgetok.workflows.comparison
     import edgetok.vit.export
 
     def ran(*args, **kwargs):
         raise AssertionError("the expensive work ran before the refusal")
 
     monkeypatch.setattr(edgetok.vit.export, "export_vit", ran)
-    monkeypatch.setattr(edgetok.vit.comparison, "compare", ran)
+    monkeypatch.setattr(edgetok.workflows.comparison, "compare", ran)
 
 
 def assert_ordinary(code, err, *needles):
@@ -76,7 +76,7 @@ def test_recipe_attention_options_are_checked_too(capsys, in_tmp, no_export):
 
 def test_cli_bounds_match_the_library():
     from edgetok.plugins import block_sparse_attention as bsa
-    from edgetok.vit import gtp
+    from edgetok.vit.methods import gtp_torch as gtp
 
     assert (cli.MIN_ATTENTION_BLOCK, cli.MAX_ATTENTION_BLOCK) == (bsa.MIN_BLOCK, bsa.MAX_BLOCK)
     assert cli.MAX_GTP_ALPHA == gtp.MAX_ALPHA
@@ -105,7 +105,7 @@ def test_ats_blocks_refusal_names_ats_blocks(capsys, in_tmp, no_export):
 
 @pytest.mark.parametrize("spec", ["(1e308,-1)", "(1e308,0.5)", "(1e200,-1e200)"])
 def test_r_schedule_that_overflows_is_one_line(spec):
-    from edgetok.vit.tome import parse_r_schedule
+    from edgetok.vit.methods.tome_torch import parse_r_schedule
 
     with pytest.raises(EdgetokError, match="finite number of tokens"):
         parse_r_schedule(spec, 12)
@@ -120,7 +120,7 @@ def test_r_schedule_overflow_through_the_cli(capsys, in_tmp):
 
 
 def test_gtp_alpha_is_bounded_in_the_library():
-    from edgetok.vit.gtp import GTP
+    from edgetok.vit.methods.gtp_torch import GTP
 
     with pytest.raises(EdgetokError, match=r"--alpha 1e\+30 must be a finite number >= 0 and <= 1"):
         GTP([8] * 12, 1e30, "spatial")
@@ -131,8 +131,8 @@ def test_head_variance_inf_is_strict_json_and_reads_back(tmp_path):
     """0,inf keeps every head; the sidecar writes the unbounded HIGH as "inf" (strict JSON has no Infinity),
     and what it records parses back to the same bounds (the torch runner rebuilds the method from it)."""
     from edgetok import sidecar
-    from edgetok.vit.reduction import make_method
-    from edgetok.vit.zerotprune import parse_head_variance
+    from edgetok.vit.methods import make_method
+    from edgetok.vit.methods.zerotprune_torch import parse_head_variance
 
     method = make_method("zerotprune", 12, r=4, head_variance="0,inf", tokens=65)
     sidecar.write(tmp_path / "z.edgetok.json", {"reduction": method.params([4] * 12)})

@@ -4,7 +4,8 @@ import timm
 import torch
 
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, plan, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import plan, reduce_vit
 
 
 def _tiny():

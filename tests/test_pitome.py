@@ -15,7 +15,8 @@ from reference_impl import pitome_forward
 from test_reference import ATOL, CONFIGS, MIN_GAP, build
 
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 
 def _compare(config, variant=None, **kw):

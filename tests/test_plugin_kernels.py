@@ -52,7 +52,7 @@ def _compared(inputs, r, prefix, class_token, exact_ties):
     compared everywhere, their tie-breaking included."""
     if DEVICE != "cuda" or exact_ties:
         return np.ones(len(inputs[0]), bool)
-    return agreement.token_merge_margin(inputs[1], r, prefix, class_token) > agreement.noise(1.0)
+    return tm.token_merge_margin(inputs[1], r, prefix, class_token) > agreement.noise(1.0)
 
 
 def _run(inputs, r, prefix, class_token, exact_ties=False):

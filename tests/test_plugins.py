@@ -15,7 +15,7 @@ from edgetok.plugins import spec as plugin_spec
 from edgetok.plugins.token_merge import max_r
 from edgetok.vit.export import ViTExportOptions, export_vit
 from edgetok.vit.token_transform import apply_transform
-from edgetok.vit.tome import bipartite_transform
+from edgetok.vit.methods.tome_torch import bipartite_transform
 
 # (tokens, prefix, class_token): a DeiT (cls), distilled (cls + dist), registers, and no prefix (avg pool).
 LAYOUTS = [(17, 1, 1), (18, 2, 1), (21, 5, 1), (16, 0, 0), (21, 5, 0), (197, 1, 1)]
@@ -144,7 +144,7 @@ def test_every_plugin_node_names_its_namespace_and_version(tmp_path):
     edgetok op carries it, and the version."""
     import edgetok.vit.attention  # noqa: F401  (registers the ops' export rules)
     import edgetok.vit.dynamic  # noqa: F401
-    import edgetok.vit.tome  # noqa: F401
+    import edgetok.vit.methods.tome_torch  # noqa: F401
 
     class Steps(torch.nn.Module):  # each edgetok op once, as the ViT exports write them
         def forward(self, x, q):

@@ -194,7 +194,7 @@ def test_eval_and_build_engine_refuse_it_and_quantize_redoes_it(capsys, relu_onn
     code, out, err = run_cli(capsys, "build-engine", str(relu_onnx), "-o", str(tmp_path / "m.engine"))
     assert_one_line_error(code, err, "records the SHA-256")
     assert not (tmp_path / "m.engine").exists()
-    from edgetok.vit.quantize import QuantizeOptions, stale_reason
+    from edgetok.workflows.quantize import QuantizeOptions, stale_reason
 
     assert "records the SHA-256" in stale_reason(QuantizeOptions(model=str(relu_onnx), calibrate=str(tmp_path),
                                                                  output=str(relu_onnx)))  # quantize again
@@ -325,7 +325,7 @@ def test_two_spec_pair_exports_to_one_folder_cannot_both_succeed(tmp_path):
 def test_quantize_refuses_a_fifo_and_publishes_under_the_lock_all_or_nothing(tmp_path, monkeypatch, capsys):
     from edgetok.vit.digits import NAME, write_heldout_folder
     from edgetok.vit.export import ViTExportOptions, export_vit
-    from edgetok.vit.quantize import QuantizeOptions, quantize
+    from edgetok.workflows.quantize import QuantizeOptions, quantize
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = write_heldout_folder(tmp_path / "train", split="train")["path"]

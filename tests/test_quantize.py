@@ -11,7 +11,7 @@ import pytest
 from cli_assertions import assert_one_line_error, run_cli
 from onnx import TensorProto, helper
 
-from edgetok.vit.quantize import ALLOW, QuantizeOptions, allowed, dequantized_readers, quantize
+from edgetok.workflows.quantize import ALLOW, QuantizeOptions, allowed, dequantized_readers, quantize
 
 VARIANTS = {"dense": dict(method="none"), "tome": dict(method="tome", r=6), "evit": dict(method="evit", keep_rate=0.7),
             "zerotprune": dict(method="zerotprune", r=6), "tome_plugins": dict(method="tome", r=6, plugins=True)}
@@ -65,7 +65,7 @@ def test_only_the_models_own_layers_are_quantized(quantized):
 
 @pytest.mark.slow
 def test_top1_within_one_point_of_fp32(quantized, data):
-    from edgetok.vit.evaluate import EvalOptions, evaluate
+    from edgetok.workflows.evaluate import EvalOptions, evaluate
 
     _, side, record = quantized
     fp32 = evaluate(EvalOptions(model=side["path"], data=data[1], write_sidecar=False))["top1"]
@@ -178,7 +178,7 @@ def fp8(data, tmp_path_factory):
 @pytest.mark.slow
 def test_fp8_keeps_the_reduction_in_float_and_its_accuracy(fp8, data):
     from edgetok.onnx.qdq import is_fp8
-    from edgetok.vit.evaluate import EvalOptions, evaluate
+    from edgetok.workflows.evaluate import EvalOptions, evaluate
 
     side, record = fp8
     model = onnx.load(record["path"])

@@ -18,7 +18,8 @@ from reference_impl import reference_forward
 
 from edgetok.errors import EdgetokError
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
 
 ATOL = 1e-9
 MIN_GAP = 1e-6  # decisions closer than this could flip on rounding; pick another seed if hit

@@ -133,7 +133,7 @@ def test_a_signal_in_the_callbacks_own_frame_is_deferred_to_the_run(tmp_path, pl
 
 
 STAND_IN = "import os, sys, time; os.write(os.open(sys.argv[1], os.O_WRONLY), b'%d' % os.getpid()); time.sleep(600)"
-PARENT = "import sys; from pathlib import Path; from edgetok.vit.quantize import run_child; run_child(sys.argv[1:], Path.cwd())"
+PARENT = "import sys; from pathlib import Path; from edgetok.workflows.quantize import run_child; run_child(sys.argv[1:], Path.cwd())"
 
 
 def test_quantizes_child_dies_when_quantize_is_killed(tmp_path):
@@ -161,7 +161,7 @@ def test_quantizes_child_dies_when_quantize_is_killed(tmp_path):
 
 
 def test_a_child_whose_parent_is_already_gone_does_not_start(tmp_path):
-    from edgetok.vit.quantize import _DIE_WITH_PARENT
+    from edgetok.workflows.quantize import _DIE_WITH_PARENT
 
     # The parent PID the shim was told about is not its parent: as if edgetok died before the prctl.
     done = subprocess.run([sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid() + 1), sys.executable, "-c",

@@ -13,8 +13,9 @@ from reference_impl import reference_forward
 from test_reference import ATOL, CONFIGS, MIN_GAP, build
 
 from edgetok.vit.loading import from_timm
-from edgetok.vit.reduction import make_method, reduce_vit
-from edgetok.vit.zerotprune import ZeroTPrune, iterations
+from edgetok.vit.methods import make_method
+from edgetok.vit.reduction import reduce_vit
+from edgetok.vit.methods.zerotprune_torch import ZeroTPrune, iterations
 
 
 def _compare(config, **kw):
@@ -66,7 +67,7 @@ def test_ties_go_by_position(monkeypatch):
     """Every importance equal and every similarity 1 (scores replaced by constants, keys one direction): A is the
     last half by position, the S stage discards A's first tokens, the I stage drops the last survivors; the
     prefix token stays."""
-    import edgetok.vit.zerotprune as zerotprune
+    import edgetok.vit.methods.zerotprune_torch as zerotprune
 
     monkeypatch.setattr(zerotprune, "page_rank", lambda attn, steps, class_token, alive=None: torch.ones(attn.shape[:3]))
     heads, n, prefix, r = 2, 11, 1, 4
@@ -179,7 +180,7 @@ def test_the_pytorch_runner_rebuilds_it_from_the_sidecar(tmp_path):
 def test_the_blocks_own_probabilities_equal_a_second_computation(monkeypatch):
     """Where the block exposes its softmax (timm, unfused in the pruning blocks only) the method uses it; where it
     cannot (Hugging Face layers, plugin attention) the method computes it again: both give the same model."""
-    import edgetok.vit.zerotprune as zerotprune
+    import edgetok.vit.methods.zerotprune_torch as zerotprune
 
     model = build("distilled")
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

@@ -22,7 +22,7 @@ from timm.data import create_transform
 from torchvision import transforms
 
 from edgetok.vit import digits
-from edgetok.vit.evaluate import EvalOptions, evaluate
+from edgetok.workflows.evaluate import EvalOptions, evaluate
 
 
 def main() -> None:

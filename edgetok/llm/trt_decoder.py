@@ -1,7 +1,7 @@
 """A decoder engine (TensorRT or TensorRT-RTX, from `edgetok build-engine PAIR`) behind OrtDecoder's interface, its
 KV cache kept on the GPU as torch tensors; generate and profile --pair take it with ``--backend tensorrt``.
 
-Needs a CUDA GPU: on this project's CPU machines only the engine builds ever ran (README, "What ran where").
+Needs a CUDA GPU: on this project's CPU machines only the engine builds ever ran (docs/what-ran-where.md).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetok.errors import EdgetokError
-from edgetok.llm.runtime import Decoder
+from edgetok.llm.kv_decoder import Decoder
 from edgetok.runtime.runners import EngineIO, torch_dtype
 
 

@@ -157,27 +157,3 @@ class Margins:
     decisions: dict
     magnitude: float = 0.0
     settled: np.ndarray | None = None
-
-
-# ------------------------------------------------------------------------------------------------ per plugin
-def token_merge_margin(metric: np.ndarray, r: int, prefix: int, class_token: int) -> np.ndarray:
-    """Per sample [B]: the smallest reference margin among the decisions its TokenMerge step rests on (each
-    merged A token's best match; which r A tokens merge; without class_token, the order of the unmerged ones).
-    Scores are cosines of unit vectors, summed from magnitude 1: compare with noise(1.0)."""
-    from edgetok.plugins.token_merge import split
-
-    margins = []
-    for sample in np.asarray(metric, np.float64):
-        a_pos, b_pos = split(len(sample), prefix)
-        if r == 0 or not len(a_pos) or not len(b_pos):
-            margins.append(np.inf)
-            continue
-        unit = sample / np.linalg.norm(sample, axis=-1, keepdims=True)
-        scores = unit[a_pos] @ unit[b_pos].T
-        best = scores.max(axis=-1)
-        merged = np.argsort(-best, kind="stable")[:r]
-        found = [argmax_margin(scores)[merged].min(), boundary_margin(best, r).min()]
-        if not class_token:
-            found.append(order_margin(np.delete(best, merged)).min(initial=np.inf))
-        margins.append(min(found))
-    return np.array(margins)

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgetok.plugins.agreement import Margins, near_tie, noise
 from edgetok.plugins.size_biased_attention import INPUTS, SCALE, check_attention, logit_magnitude, scale_of
-from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
+from edgetok.plugins.declaration import Field, PluginError, PluginSpec, Tensor, reference, register
 
 MIN_BLOCK = 16  # the attention kernel's tile: a block is a whole number of tiles
 MAX_BLOCKS = 128  # the selection kernel scores one query block against up to this many key blocks at once

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgetok.plugins.agreement import Margins, dot_magnitude
-from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
+from edgetok.plugins.declaration import Field, PluginError, PluginSpec, Tensor, reference, register
 
 MAX_HEAD_DIM = 128
 

@@ -2,7 +2,7 @@
 
 Inputs: tokens ``x`` [B, N, C], the keys averaged over heads ``metric`` [B, N, D] and the token sizes
 ``size`` [B, N, 1]. Outputs: the merged tokens [B, N - r, C] and their sizes [B, N - r, 1].
-Exactly the token-transform step of ``edgetok.vit.tome`` for one block: tokens at even positions
+Exactly the token-transform step of ``edgetok.vit.methods.tome_torch`` for one block: tokens at even positions
 from ``prefix`` on (rounded up to even) form A, odd positions form B; prefix tokens are neither merged nor
 merged into; each A token's best match is its most similar B token (cosine; the first on ties); the
 r A tokens with the best scores (the lower index first on ties) are merged into their match, weighted
@@ -16,7 +16,7 @@ import numpy as np
 
 from edgetok.plugins.agreement import (Margins, argmax_margin, boundary_margin, least_margin, near_tie, noise,
                                        order_margin)
-from edgetok.plugins.spec import Field, PluginError, PluginSpec, Tensor, reference, register
+from edgetok.plugins.declaration import Field, PluginError, PluginSpec, Tensor, reference, register
 
 
 def split(tokens: int, prefix: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +126,27 @@ def _margins(inputs: list[np.ndarray], f: dict) -> Margins:
         settled.append(not near_tie(least_margin(*listed, match[merged]), tie))
     return Margins({name: (margins, tie) for name, margins in found.items()}, magnitude=1.0,
                    settled=np.array(settled, bool))
+
+
+def token_merge_margin(metric: np.ndarray, r: int, prefix: int, class_token: int) -> np.ndarray:
+    """Per sample [B]: the smallest reference margin among the decisions its TokenMerge step rests on (each
+    merged A token's best match; which r A tokens merge; without class_token, the order of the unmerged ones).
+    Scores are cosines of unit vectors, summed from magnitude 1: compare with noise(1.0)."""
+    margins = []
+    for sample in np.asarray(metric, np.float64):
+        a_pos, b_pos = split(len(sample), prefix)
+        if r == 0 or not len(a_pos) or not len(b_pos):
+            margins.append(np.inf)
+            continue
+        unit = sample / np.linalg.norm(sample, axis=-1, keepdims=True)
+        scores = unit[a_pos] @ unit[b_pos].T
+        best = scores.max(axis=-1)
+        merged = np.argsort(-best, kind="stable")[:r]
+        found = [argmax_margin(scores)[merged].min(), boundary_margin(best, r).min()]
+        if not class_token:
+            found.append(order_margin(np.delete(best, merged)).min(initial=np.inf))
+        margins.append(min(found))
+    return np.array(margins)
 
 
 SPEC = register(PluginSpec(

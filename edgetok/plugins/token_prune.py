@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgetok.plugins.spec import Dynamic, Field, PluginError, PluginSpec, Tensor, reference, register
+from edgetok.plugins.declaration import Dynamic, Field, PluginError, PluginSpec, Tensor, reference, register
 
 
 def kept_mask(size: np.ndarray, keep: np.ndarray, prefix: int) -> np.ndarray:

@@ -95,7 +95,8 @@ def _sidecar_facts(model: str) -> dict:
 def image_inputs(folder: str, model: str, specs: dict, batch: int) -> tuple[dict[str, np.ndarray], int]:
     """The first ``batch`` images of an ImageFolder, preprocessed as the model's export records: with
     data-dependent reduction the latency depends on the images, so profile real ones."""
-    from edgetok.vit.evaluate import export_record, image_folder
+    from edgetok.images import image_folder
+    from edgetok.workflows.evaluate import export_record
 
     if len(specs) != 1:
         raise EdgetokError(f"--inputs {folder}: an image folder feeds a one-input model; {model} has {len(specs)} inputs")
@@ -140,7 +141,7 @@ def tokens_kept(model: str, feed: dict, runner) -> dict:
 def _kept_gmacs(model: str, kept: dict, batch: int) -> list[float] | None:
     if not kept:
         return None
-    from edgetok.vit.evaluate import export_record
+    from edgetok.workflows.evaluate import export_record
     from edgetok.vit.flops import record_gmacs
 
     tokens = {k["block"]: k["per_image"] for k in kept.get("tokens_kept", [])}

@@ -363,8 +363,10 @@ class TorchRunner(Runner):
     def __init__(self, model: str, device: str, batch: int, cuda_graphs: bool):
         import torch
 
+        from edgetok.vit import methods
         from edgetok.vit.loading import load_vit
-        from edgetok.vit.reduction import make_method, reduce_vit
+        from edgetok.vit.methods import make_method
+        from edgetok.vit.reduction import reduce_vit
 
         name, checkpoint, img_size, method, kwargs, plugins = model, None, None, "none", {}, False
         if model.endswith(".onnx"):
@@ -372,17 +374,7 @@ class TorchRunner(Runner):
             red = dict(side["reduction"])
             name, checkpoint, img_size = side["model"]["name"], side["model"].get("checkpoint"), side["model"]["img_size"]
             method = red.pop("method")
-            kwargs = {"none": {}, "tome": {"r_schedule": red.get("r_per_layer")},
-                      "pitome": {"r_schedule": red.get("r_per_layer"),  # no variant recorded: the first, protected
-                                 "pitome_variant": red.get("variant", "protected")},
-                      "zerotprune": {"r_schedule": red.get("r_per_layer"), "head_variance": red.get("head_variance"),
-                                     "similarity_share": red.get("similarity_share")},
-                      "gtp": {"propagate": red.get("propagate_per_layer"), "alpha": red.get("alpha"),
-                              "graph": red.get("graph"), "sparsity": red.get("sparsity")},
-                      "evit": {"keep_rate": red.get("keep_rate"), "keep_layers": red.get("keep_layers")},
-                      "ats": {"ats_blocks": red.get("ats_blocks"), "ats_budget": red.get("ats_budget")},
-                      "dtome": {"r_schedule": red.get("target_r_per_layer"), "thresholds": red.get("thresholds"),
-                                "cap": red.get("cap")}}[method]
+            kwargs = methods.get(method).from_record(red)  # each method says how its sidecar rebuilds it
             # a --plugins export: on a GPU its merges run as the plugin's Triton kernels, on a CPU as standard ops
             plugins = bool((side.get("request") or {}).get("plugins"))
         vit = load_vit(name, checkpoint, img_size)

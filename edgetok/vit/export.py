@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -17,34 +17,24 @@ from edgetok.onnx.lint import lint
 from edgetok.onnx.validate import compare_with_torch
 from edgetok.plugins.cubins import bundle_path
 from edgetok.plugins.spec import uses
+from edgetok.vit import methods
 from edgetok.vit.flops import vit_macs
 from edgetok.vit.loading import load_vit, weights_file
-from edgetok.vit.reduction import make_method, plan, reduce_vit
+from edgetok.vit.reduction import plan, reduce_vit
 
 INPUT_NAME = "pixel_values"
 MAX_EXPORT_BATCH = 64  # the traced example; validation runs one more
 
 
-@dataclass
+@dataclass(init=False)
 class ViTExportOptions:
+    """What to export. The reduction is ``method`` plus ``method_options`` (the names its declaration in
+    edgetok.vit.methods gives); they may also be passed as keyword arguments and read as attributes
+    (``ViTExportOptions(method="tome", r=8).r``), as recipes and the command line do."""
     model: str = "deit_small_patch16_224"
     checkpoint: str | None = None
     method: str = "none"
-    r: int | None = None
-    r_schedule: str | None = None
-    keep_rate: float | None = None
-    keep_layers: list[int] | None = None
-    ats_blocks: list[int] | None = None
-    ats_budget: float | None = None
-    calibrate: str | None = None  # dtome: image folder its thresholds are calibrated on
-    cap: int | None = None  # dtome: at most this many merges per image and block
-    propagate: str | None = None  # gtp: tokens propagated per block ("8" or "8,8,4,...")
-    alpha: float | None = None  # gtp: weight of the propagated tokens (default 0.1)
-    graph: str | None = None  # gtp: spatial | semantic | mixed (default spatial)
-    head_variance: str | None = None  # zerotprune: "LOW,HIGH" of the heads combined (default 0.01,0.7)
-    similarity_share: float | None = None  # zerotprune: share of each block's r its S stage prunes (default 0.5)
-    pitome_variant: str | None = None  # pitome: reference (the authors' current DeiT patch, default) | protected
-    sparsity: float | None = None  # gtp: θ, the share of each head's attention probabilities kept (default 1)
+    method_options: dict = field(default_factory=dict)
     img_size: int | None = None
     batch: int = 1
     opset: int = 17
@@ -59,20 +49,32 @@ class ViTExportOptions:
     attention_mass: float | None = None  # "sparse": pooled softmax mass each query block keeps (default 0.95)
     attention_keep: float | None = None  # "sparse": or a fraction of key blocks to keep
 
+    def __init__(self, method_options: dict | None = None, **values):
+        own = {f.name for f in dataclasses.fields(self)} - {"method_options"}
+        unknown = sorted(set(values) - own - set(methods.all_options()))
+        if unknown:
+            raise TypeError(f"ViTExportOptions got an unexpected keyword argument {unknown[0]!r}")
+        for f in dataclasses.fields(self):
+            if f.name != "method_options":
+                setattr(self, f.name, values.get(f.name, f.default))
+        self.method_options = {**(method_options or {}),
+                               **{k: v for k, v in values.items() if k not in own and v is not None}}
+
+    def __getattr__(self, name: str):
+        if name != "method_options" and name in methods.all_options():
+            return self.__dict__.get("method_options", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @classmethod
     def fields(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+        """The keys a recipe's export: section may hold: the options here and every method's."""
+        return ({f.name for f in dataclasses.fields(cls)} - {"method_options"}) | set(methods.all_options())
 
 
 def default_output(opts: ViTExportOptions) -> Path:
     stem = Path(opts.model).name if Path(opts.model).is_dir() else opts.model
-    tag = {"none": "dense", "tome": f"tome_r{opts.r if opts.r is not None else 'sched'}",
-           "evit": f"evit_k{opts.keep_rate}",
-           "ats": f"ats_b{opts.ats_budget if opts.ats_budget is not None else 1.0}",
-           "dtome": f"dtome_r{opts.r if opts.r is not None else 'sched'}",
-           "pitome": f"pitome_r{opts.r}" if opts.r is not None else f"pitome_k{opts.keep_rate}",
-           "zerotprune": f"zerotprune_r{opts.r}" if opts.r is not None else f"zerotprune_k{opts.keep_rate}",
-           "gtp": f"gtp_p{opts.propagate}".replace(",", "-")}.get(opts.method, opts.method)
+    method = methods.get(opts.method)
+    tag = method.tag(opts.method_options) if method.tag else opts.method
     if opts.plugins:
         tag += "_plugins"
     if opts.attention not in (None, "dense"):
@@ -95,15 +97,22 @@ def sparsity_of(opts: ViTExportOptions):
     return Sparsity(**given)
 
 
-REQUEST_KEYS = ("model", "checkpoint", "method", "r", "r_schedule", "keep_rate", "keep_layers", "ats_blocks", "ats_budget",
-                "calibrate", "cap", "propagate", "alpha", "graph", "head_variance",
-                "similarity_share", "pitome_variant", "sparsity", "img_size", "plugins", "attention",
-                "attention_block", "attention_mass", "attention_keep")
+# What a sidecar's request records besides the method's options.
+REQUEST_KEYS = ("model", "checkpoint", "method", "img_size", "plugins", "attention", "attention_block",
+                "attention_mass", "attention_keep")
+
+
+def _option_keys(method: str) -> list[str]:
+    """The method options a request records: every built-in method's (None when not given, as sidecars
+    written before the registry have them, so those still match), then the chosen method's own."""
+    keys = list(dict.fromkeys(o.name for name in methods.BUILTIN for o in methods.get(name).options if o.cli))
+    return keys + [o.name for o in methods.get(method).options if o.cli and o.name not in keys]
 
 
 def export_request(opts: ViTExportOptions) -> dict:
     """What an export was made from (model, weights, reduction), as recorded in its sidecar."""
     req = {k: getattr(opts, k) for k in REQUEST_KEYS}
+    req.update({k: opts.method_options.get(k) for k in _option_keys(opts.method)})
     if opts.method == "pitome":  # the variant it resolves to, so an export from before the option (protected) is stale
         req["pitome_variant"] = opts.pitome_variant or "reference"
     if Path(opts.model).is_dir():
@@ -146,21 +155,18 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     if out.suffix != ".onnx":
         raise EdgetokError(f"-o {out} must end in .onnx")
 
-    say(f"loading {opts.model}")
-    vit = load_vit(opts.model, opts.checkpoint, opts.img_size)
-    if vit.weights == "random":
-        say("no weights given: the model is randomly initialised (weights: random)")
-    if opts.calibrate is not None and opts.method != "dtome":
-        raise EdgetokError("--calibrate is a dtome option (its thresholds are calibrated on the folder); use --method dtome")
+    methods.check_options(opts.method, opts.method_options)  # before the model loads
     if opts.method == "dtome" and opts.calibrate is None:
         raise EdgetokError("--method dtome needs --calibrate DIR: an image folder (one subfolder per class) on which "
                            "its per-block thresholds are calibrated (not the images you evaluate on), e.g. edgetok-out/digits-train from "
                            "`edgetok data digits --split train`")
-    method = make_method(opts.method, vit.depth, opts.r, opts.r_schedule, opts.keep_rate, opts.keep_layers,
-                         opts.ats_blocks, opts.ats_budget, vit.num_tokens, cap=opts.cap,
-                         defaults=vit.method_defaults, propagate=opts.propagate, alpha=opts.alpha, graph=opts.graph,
-                         head_variance=opts.head_variance, similarity_share=opts.similarity_share,
-                         pitome_variant=opts.pitome_variant, sparsity=opts.sparsity)
+
+    say(f"loading {opts.model}")
+    vit = load_vit(opts.model, opts.checkpoint, opts.img_size)
+    if vit.weights == "random":
+        say("no weights given: the model is randomly initialised (weights: random)")
+    method = methods.make_method(opts.method, vit.depth, tokens=vit.num_tokens, defaults=vit.method_defaults,
+                         **opts.method_options)
     dense = plan(vit, None)
     if opts.plugins and method is not None and not hasattr(method, "plugin_step") and not hasattr(method, "reduce"):
         say(f"--plugins: no edgetok plugin fits {method.name}'s step yet; it stays standard ONNX ops")
@@ -168,7 +174,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
     attention = opts.attention or ("biased_after_reduction" if opts.plugins and method is not None else "dense")
     reduced = reduce_vit(vit, method, plugins=opts.plugins, attention=attention, sparsity=sparsity)
     if opts.method == "dtome":
-        from edgetok.vit.dtome import calibrate
+        from edgetok.vit.methods.dtome_torch import calibrate
 
         say(f"calibrating dtome's thresholds on {opts.calibrate}")
         calibrate(vit, method, opts.calibrate)

@@ -4,7 +4,7 @@ scratch. Plain data without Triton, so the TensorRT plugin's enqueue and ``run_t
 from __future__ import annotations
 
 from edgetok.plugins.block_sparse_attention import MAX_BLOCKS, MIN_BLOCK, blocks_of
-from edgetok.plugins.kernels import Buffer, Kernel, KernelPlan, Launch
+from edgetok.plugins.kernels.launches import Buffer, Kernel, KernelPlan, Launch
 from edgetok.plugins.size_biased_attention import MAX_HEAD_DIM, scale_of
 
 SOURCE = "edgetok.plugins.kernels.block_sparse_attention"

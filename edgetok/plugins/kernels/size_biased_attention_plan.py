@@ -3,7 +3,7 @@ scratch. Plain data without Triton, so the TensorRT plugin's enqueue and ``run_t
 
 from __future__ import annotations
 
-from edgetok.plugins.kernels import Buffer, Kernel, KernelPlan, Launch
+from edgetok.plugins.kernels.launches import Buffer, Kernel, KernelPlan, Launch
 from edgetok.plugins.size_biased_attention import scale_of
 
 SOURCE = "edgetok.plugins.kernels.size_biased_attention"

@@ -4,7 +4,7 @@ cuda-python and the cubins) and the Triton launcher (``run_torch``) make the ver
 
 from __future__ import annotations
 
-from edgetok.plugins.kernels import Buffer, Kernel, KernelPlan, Launch
+from edgetok.plugins.kernels.launches import Buffer, Kernel, KernelPlan, Launch
 
 SOURCE = "edgetok.plugins.kernels.token_merge"  # the @triton.jit functions, by kernel name
 NORM_BLOCK_N, NORM_BLOCK_D = 32, 64

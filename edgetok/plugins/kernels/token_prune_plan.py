@@ -4,7 +4,7 @@ The plan needs only the input shapes: K is counted on the device and read there 
 
 from __future__ import annotations
 
-from edgetok.plugins.kernels import Buffer, Kernel, KernelPlan, Launch
+from edgetok.plugins.kernels.launches import Buffer, Kernel, KernelPlan, Launch
 
 SOURCE = "edgetok.plugins.kernels.token_prune"
 SCAN_BLOCK_N = 256  # one tile for DeiT's 197 tokens

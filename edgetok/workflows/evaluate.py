@@ -12,6 +12,7 @@ import numpy as np
 
 from edgetok import sidecar
 from edgetok.errors import EdgetokError
+from edgetok.images import image_folder
 from edgetok.plugins.token_counts import attention_kept_outputs, per_image, sizes_outputs
 from edgetok.runtime.runners import ENGINE_SUFFIXES
 
@@ -30,20 +31,6 @@ def export_record(model: str) -> dict:
                                "`edgetok build-engine` from an edgetok export")
         return export
     raise EdgetokError(f"{model} is not an exported file; timm names get their data config from timm")
-
-
-def image_folder(root: str, data_config: dict, option: str = "--data"):
-    """The image folder (edgetok.images: each file once, links cannot loop) with timm's eval transform;
-    clear errors (naming ``option``) for the usual mistakes and for images PIL cannot decode."""
-    from timm.data import create_transform
-
-    from edgetok.images import ImageFolder
-
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
-           if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
-    if "image_mean" in data_config:  # Hugging Face processor naming
-        cfg.update(mean=tuple(data_config["image_mean"]), std=tuple(data_config["image_std"]))
-    return ImageFolder(root, create_transform(**cfg, is_training=False), option)
 
 
 def require_class_logits(model: str, outputs: list[str], head: str | None = None) -> None:

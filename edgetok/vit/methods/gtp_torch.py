@@ -28,7 +28,7 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.vit.token_transform import TokenTransform, apply_transform
-from edgetok.vit.tome import rank_descending
+from edgetok.vit.methods.tome_torch import rank_descending
 
 GRAPHS = ("spatial", "semantic", "mixed")
 # --alpha is bounded (the reference takes any): a propagated token may weigh as much as the token it joins

@@ -35,7 +35,7 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.vit.token_transform import TokenTransform, apply_transform
-from edgetok.vit.tome import Matching, bipartite_match, parse_r_schedule
+from edgetok.vit.methods.tome_torch import Matching, bipartite_match, parse_r_schedule
 
 INF = math.inf
 
@@ -345,7 +345,7 @@ def calibrate(vit, method: DToMe, images: str, batch: int = 32, measure: bool = 
 
     With ``measure``, the images are run once more with the new thresholds and the merges per block are
     recorded (``method.calibration["measured"]``, which ``plan_layer`` then uses as the expected mean)."""
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
 
     if batch < 1:
         raise EdgetokError(f"--batch {batch} must be >= 1")

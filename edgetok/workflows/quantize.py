@@ -143,7 +143,7 @@ class _Images:
 
 
 def _calibration_set(opts: QuantizeOptions, side: dict):
-    from edgetok.vit.evaluate import image_folder
+    from edgetok.images import image_folder
 
     dataset = image_folder(opts.calibrate, side["preprocessing"], "--calibrate")
     if len(dataset) == 0:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from edgetok.errors import EdgetokError
 from edgetok.vit.token_transform import TokenTransform
-from edgetok.vit.tome import rank_descending
+from edgetok.vit.methods.tome_torch import rank_descending
 
 VARIANTS = ("reference", "protected")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from edgetok.errors import EdgetokError
 from edgetok.vit.token_transform import TokenTransform, gather_tokens
-from edgetok.vit.tome import rank_descending
+from edgetok.vit.methods.tome_torch import rank_descending
 
 ITERATIONS = (30, 5, 1)  # Weighted-PageRank steps: first three blocks, the middle ones, the last three
 HEAD_VARIANCE = (0.01, 0.7)  # heads whose N·score variance lies outside are left out of the combination

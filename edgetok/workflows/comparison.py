@@ -16,7 +16,13 @@ from typing import Callable
 
 from edgetok.errors import EdgetokError
 
-METHODS = ("tome", "pitome", "zerotprune", "gtp", "evit")
+
+def __getattr__(name: str):
+    if name == "METHODS":  # every registered method with a knob (edgetok.vit.methods), entry points included
+        from edgetok.vit import methods
+
+        return methods.comparable()
+    raise AttributeError(name)
 
 
 @dataclass
@@ -24,7 +30,7 @@ class CompareOptions:
     model: str
     data: str
     checkpoint: str | None = None
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(__getattr__("METHODS")))
     fractions: list[float] = field(default_factory=lambda: [0.65, 0.5])  # of dense GMACs: DeiT-S 4.6 -> 3.0, 2.3
     batch: int = 8
     duration_s: float = 2.0
@@ -33,18 +39,17 @@ class CompareOptions:
 
 
 def _settings(method: str, depth: int) -> list[dict]:
-    """Every setting of a method's one knob, constant across blocks."""
-    if method in ("tome", "pitome", "zerotprune"):
-        return [{"r": r} for r in range(1, 200)]
-    if method == "gtp":
-        return [{"propagate": str(p)} for p in range(1, 200)]
-    return [{"keep_rate": round(k / 100, 2)} for k in range(10, 100)]
+    """Every setting of a method's one knob, constant across blocks (its declaration's ``knob``)."""
+    from edgetok.vit import methods
+
+    return methods.get(method).knob(depth)
 
 
 def match(vit, method: str, target: float) -> tuple[dict, float] | None:
     """The setting of ``method`` whose planned GMACs are closest to ``target`` (None if none fits the model)."""
     from edgetok.vit.flops import vit_macs
-    from edgetok.vit.reduction import make_method, plan
+    from edgetok.vit.methods import make_method
+    from edgetok.vit.reduction import plan
 
     best = None
     for setting in _settings(method, vit.depth):
@@ -59,20 +64,20 @@ def match(vit, method: str, target: float) -> tuple[dict, float] | None:
 
 
 def _label(method: str, setting: dict) -> str:
-    value = next(iter(setting.values()))
-    return {"tome": f"tome r={value}", "pitome": f"pitome r={value}", "zerotprune": f"zerotprune r={value}",
-            "gtp": f"gtp p={value}",
-            "evit": f"evit {value}"}[method]
+    from edgetok.vit import methods
+
+    return methods.setting_label(method, setting)
 
 
 def compare(opts: CompareOptions, say: Callable[[str], None] = lambda s: None) -> dict:
     from edgetok.profile.profiler import ProfileOptions, profile, write_reports
-    from edgetok.vit.evaluate import EvalOptions, evaluate
+    from edgetok.workflows.evaluate import EvalOptions, evaluate
     from edgetok.vit.export import ViTExportOptions, export_vit
     from edgetok.vit.flops import vit_macs
     from edgetok.vit.loading import load_vit
     from edgetok.vit.reduction import plan
 
+    METHODS = __getattr__("METHODS")
     unknown = [m for m in opts.methods if m not in METHODS]
     if unknown:
         raise EdgetokError(f"--methods {','.join(unknown)}: compare matches {', '.join(METHODS)} (ATS and dtome keep a "
