@@ -12,6 +12,8 @@ replaced gets its backup back and new names are removed, so the folder keeps the
 renames a reader that does not take the lock could see the new sidecar beside the old model; that is why the
 readers check the model's SHA-256 the sidecar records (``sidecar.read``) and refuse a mismatch instead of
 reporting one model's numbers for another. A SIGKILL between two renames leaves the same, detected, mismatch.
+A set spread over several folders (a pair's engines in target/ and draft/ and its manifest) is published the
+same way as one set (``publish_sets``): one lock, one rollback across the folders, the manifest last.
 
 A folder artifact (a spec-pair) is staged as one folder and published with one ``rename`` onto its name
 (``publish_folder``). POSIX makes that atomic and refuses it onto a folder that is not empty, so two exports
@@ -227,18 +229,29 @@ def publish(staged: Path, final_dir: Path) -> list[Path]:
     """Make the files of ``staged`` (a staging_dir, complete and checked) visible in ``final_dir`` as one set,
     under the model's lock: every old file is kept under a backup name until all renames succeeded, and put back
     if one fails (see the module docstring). Returns the published paths, the model last."""
-    final_dir = Path(final_dir)
-    entries = sorted(Path(staged).iterdir(), key=lambda p: (p.suffix in MODEL_SUFFIXES, p.name))
-    targets = [final_dir / e.name for e in entries]
-    with locked(targets[-1] if targets else final_dir):
-        for target in targets:
+    return publish_sets([(Path(staged), Path(final_dir))])
+
+
+def publish_sets(sets: list[tuple[Path, Path]], lock: str | Path | None = None) -> list[Path]:
+    """``publish`` for a set spread over several folders (a pair's engines in target/ and draft/, then its
+    manifest): the staged folders' files in the order given, each folder's model last, under one lock (``lock``,
+    by default the last file's), and every rename undone if any fails, across all the folders."""
+    moves: list[tuple[Path, Path]] = []
+    for staged, final_dir in sets:
+        entries = sorted(Path(staged).iterdir(), key=lambda p: (p.suffix in MODEL_SUFFIXES, p.name))
+        moves += [(entry, Path(final_dir) / entry.name) for entry in entries]
+    if lock is None:
+        lock = moves[-1][1] if moves else (Path(sets[-1][1]) if sets else Path.cwd())
+    with locked(lock):
+        for _, target in moves:
             check_target(target, "file")
         replaced: list[tuple[Path, Path | None]] = []
         try:
-            for entry, target in zip(entries, targets):
+            for entry, target in moves:
                 replaced.append((target, _backup(target)))
                 os.replace(entry, target)
-            _fsync_dir(final_dir)
+            for folder in dict.fromkeys(target.parent for _, target in moves):
+                _fsync_dir(folder)
         except BaseException:
             for target, backup in reversed(replaced):  # the old set back, whole
                 with contextlib.suppress(OSError):
@@ -252,7 +265,7 @@ def publish(staged: Path, final_dir: Path) -> list[Path]:
                 if backup is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(backup)
-    return targets
+    return [target for _, target in moves]
 
 
 def _backup(target: Path) -> Path | None:
@@ -311,7 +324,7 @@ def write_report(path: str | Path, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    if _is_stream(path):
+    if is_stream(path):
         try:
             with open(path, "w") as stream:
                 stream.write(text)
@@ -321,7 +334,7 @@ def write_report(path: str | Path, text: str) -> None:
     write_text(path, text)
 
 
-def _is_stream(path: str | Path) -> bool:
+def is_stream(path: str | Path) -> bool:
     try:
         mode = os.stat(path).st_mode  # through links: /dev/stderr names a terminal or a pipe
     except OSError:
@@ -331,5 +344,5 @@ def _is_stream(path: str | Path) -> bool:
 
 def check_report(path: str | Path) -> None:
     """``write_report``'s refusals, before the work whose report it is."""
-    if not (to_stdout(path) or _is_stream(path)):
+    if not (to_stdout(path) or is_stream(path)):
         check_target(path, "file")

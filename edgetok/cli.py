@@ -311,6 +311,8 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
     from edgetok.engine.options import BuildOptions, parse_targets
     from edgetok.llm import engines
 
+    if output:
+        _check_output_place(output, "-o")  # /proc, /sys or under a file: refused before the build, not after
     values = dict(output=output, backend=backend, precision=precision, batch=batch, shapes=list(shapes),
                   workspace=workspace, opt_level=opt_level, targets=parse_targets(list(targets)),
                   timing_cache=timing_cache, plugins=list(plugins), dla_core=dla_core, plugin_lib=plugin_lib,
@@ -453,6 +455,9 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
         from edgetok import atomic
 
         atomic.check_report(report_json)  # a link or a folder there: refused before the timing, not after
+        if not (atomic.to_stdout(report_json) or atomic.is_stream(report_json)):
+            _check_output_place(report_json, "--report-json")
+    _check_output_place(str(Path(output_dir) / "profile.json"), "-o")  # where the reports go, before the timing
     if pair:
         if host:
             raise EdgetokError("--pair --host is not supported yet; run edgetok profile --pair on the Jetson itself")

@@ -71,9 +71,14 @@ def keep_accuracy(artifact: str | Path, data: dict) -> bool:
     sha = (data.get("onnx") or {}).get("sha256")
     if not sha or (old.get("onnx") or {}).get("sha256") != sha or old.get("preprocessing") != data.get("preprocessing"):
         return False
-    weights = (data.get("request") or {}).get("weights_sha256")
-    if (data.get("onnx") or {}).get("external_data") and (not weights or (old.get("request") or {}).get("weights_sha256") != weights):
-        return False  # the hash covers only the .onnx, not the weights file beside it
+    new_data, old_data = (data.get("onnx") or {}).get("data_sha256"), (old.get("onnx") or {}).get("data_sha256")
+    if new_data or old_data:
+        if new_data != old_data:
+            return False  # the weights file beside the .onnx differs
+    else:
+        weights = (data.get("request") or {}).get("weights_sha256")
+        if (data.get("onnx") or {}).get("external_data") and (not weights or (old.get("request") or {}).get("weights_sha256") != weights):
+            return False  # a sidecar from before data_sha256: the hash covers only the .onnx, not its weights file
     data["accuracy"] = old["accuracy"]
     return True
 
@@ -85,6 +90,23 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_hashes(model: str | Path) -> dict:
+    """The SHA-256 a sidecar records for a model (``onnx.sha256``) and, for a model whose weights live in an
+    external data file beside it (``NAME.onnx.data``, as the exporter and ``onnx.save`` name it), that file's
+    (``onnx.data_sha256``): the .onnx alone holds only the graph and a reference to the data, so its hash
+    cannot tell one export's weights from another's."""
+    model = Path(model)
+    hashes = {"sha256": file_sha256(model)}
+    if data_path(model).is_file():
+        hashes["data_sha256"] = file_sha256(data_path(model))
+    return hashes
+
+
+def data_path(model: str | Path) -> Path:
+    model = Path(model)
+    return model.with_name(f"{model.name}.data")
 
 
 def versions(*packages: str) -> dict:
@@ -127,20 +149,25 @@ def load(path: Path, remedy: str) -> dict:
 
 
 def read(artifact: str | Path, verify: bool = True) -> dict:
-    """An artifact's sidecar, refused in one line when the model SHA-256 it records is not the model's: a
-    publish interrupted between two renames, or files copied from two exports, must not lend one model's
-    GMACs, accuracy or preprocessing to another."""
+    """An artifact's sidecar, refused in one line when the model SHA-256 it records, or its external data
+    file's (``model_hashes``), is not the file's: a publish interrupted between two renames, or files copied
+    from two exports, must not lend one model's GMACs, accuracy or preprocessing to another."""
     path = sidecar_path(artifact)
     if not path.is_file():
         raise EdgetokError(f"{artifact} has no sidecar {path.name}; export it with `edgetok export`")
     data = load(path, "re-export the model")
-    recorded = (data.get("onnx") or {}).get("sha256") if isinstance(data, dict) else None
-    if verify and isinstance(recorded, str) and Path(artifact).is_file():
-        actual = _cached_sha256(Path(artifact))
-        if actual != recorded:
-            raise EdgetokError(f"{path} records the SHA-256 {recorded[:12]}... but {artifact} is {actual[:12]}...: the "
-                               "sidecar describes another model (an interrupted publish, or files of two exports); "
-                               "export the model again")
+    if verify and isinstance(data, dict) and Path(artifact).is_file():
+        recorded = data.get("onnx") if isinstance(data.get("onnx"), dict) else {}
+        # A sidecar from before data_sha256 was recorded checks the .onnx alone; a data file that is missing is
+        # left to the runtime, which cannot load the model without it (no other model's numbers are reported).
+        for key, file in (("sha256", Path(artifact)), ("data_sha256", data_path(artifact))):
+            if not isinstance(recorded.get(key), str) or not file.is_file():
+                continue
+            actual = _cached_sha256(file)
+            if actual != recorded[key]:
+                raise EdgetokError(f"{path} records the SHA-256 {recorded[key][:12]}... but {file} is {actual[:12]}...: "
+                                   "the sidecar describes another model (an interrupted publish, or files of two "
+                                   "exports); export the model again")
     return data
 
 

@@ -132,7 +132,7 @@ def test_deit_export_builds_with_tensorrt_rtx(capsys, tmp_path):
     (["--propagate", "1,1,1,1,1,1,1"], "--propagate 1,1,1,1,1,1,1 has 7 entries but the model has 6 blocks"),
     (["--propagate", "x"], "--propagate 'x' is not a token count"),
     (["--propagate", "4", "--graph", "knn"], "--graph 'knn' is unknown; choose spatial, semantic, mixed"),
-    (["--propagate", "4", "--alpha", "-1"], "--alpha -1.0 must be a finite number >= 0"),
+    (["--propagate", "4", "--alpha", "-1"], "--alpha -1.0 is out of range"),
     ([], "--method gtp needs --propagate P"),
     (["--propagate", "4", "--r", "2"], "--method gtp takes --propagate P, --alpha, --graph and --sparsity"),
     (["--propagate", "0"], "--propagate 0: P = 0 in block 0 would remove every patch token in GTP-ViT's code"),

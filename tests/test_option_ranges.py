@@ -4,6 +4,7 @@ not write, a file in the way, a tampered pair manifest) one line naming its caus
 import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def assert_ordinary(code, err, *needles):
     (["--method", "ats", "--ats-budget", "inf"], ["--ats-budget inf", "token count"]),
     (["--method", "ats", "--ats-budget", "nan"], ["--ats-budget nan"]),
     (["--method", "ats", "--ats-budget", "2.5"], ["--ats-budget 2.5"]),
-    (["--method", "gtp", "--propagate", "8", "--alpha", "1e30"], ["--alpha 1e+30", ">= 0 and <= 1"]),
+    (["--method", "gtp", "--propagate", "8", "--alpha", "1e30"], ["--alpha 1e+30", "[0, 1]"]),
     (["--method", "gtp", "--propagate", "8", "--alpha", "-0.1"], ["--alpha -0.1"]),
 ])
 def test_export_option_out_of_range_is_refused_before_anything_runs(capsys, in_tmp, no_export, args, needles):
@@ -221,6 +222,62 @@ def test_compare_output_under_a_file_is_refused_before_any_export(capsys, in_tmp
     Path("afile").write_text("x")
     code, _, err = run_cli(capsys, "compare", MODEL, "--data", str(heldout), "-o", "afile/cmp")
     assert_ordinary(code, err, "afile is a file, not a folder")
+
+
+@pytest.fixture()
+def no_build_or_profile(monkeypatch):
+    """Any engine build or profile that starts fails the test: an output place is refused before it."""
+    import edgetok.engine.build
+    import edgetok.llm.profile
+    import edgetok.profile.profiler
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the build or profile ran before the refusal")
+
+    monkeypatch.setattr(edgetok.engine.build, "build_engine", ran)
+    monkeypatch.setattr(edgetok.profile.profiler, "profile", ran)
+    monkeypatch.setattr(edgetok.llm.profile, "profile_pair", ran)
+
+
+def _tiny_onnx(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["pixel_values"], ["logits"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["build-engine", "m.onnx", "-o", "/proc/m.engine"], ["-o /proc/m.engine is in /proc"]),
+    (["build-engine", "m.onnx", "-o", "/sys/kernel/m.engine"], ["-o /sys/kernel/m.engine is in /sys"]),
+    (["build-engine", "m.onnx", "-o", "afile/m.engine"], ["-o afile/m.engine: afile is a file, not a folder"]),
+    (["profile", "m.onnx", "-o", "/proc/edgetok-prof"], ["-o /proc/edgetok-prof/profile.json is in /proc"]),
+    (["profile", "m.onnx", "-o", "afile/prof"], ["afile is a file, not a folder"]),
+    (["profile", "m.onnx", "--report-json", "/sys/r.json"], ["--report-json /sys/r.json is in /sys"]),
+    (["profile", "m.onnx", "--report-json", "afile/r.json"], ["--report-json afile/r.json: afile is a file"]),
+    (["profile", "--pair", "PAIR", "-o", "/proc/edgetok-prof"], ["is in /proc"]),
+    (["profile", "--pair", "PAIR", "--report-json", "afile/r.json"], ["afile is a file, not a folder"]),
+])
+def test_build_and_profile_outputs_are_checked_before_the_work(capsys, in_tmp, tiny_pair, no_build_or_profile,
+                                                               args, needles):
+    _tiny_onnx(in_tmp / "m.onnx")
+    Path("afile").write_text("x")
+    code, _, err = run_cli(capsys, *[str(tiny_pair) if a == "PAIR" else a for a in args])
+    assert_ordinary(code, err, *needles)
+    assert Path("afile").read_text() == "x"
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["afile", "m.onnx"]  # nothing made
+
+
+def test_report_json_to_stdout_is_not_an_output_place(capsys, in_tmp, no_build_or_profile):
+    """/proc/self/fd/1 names standard output, which a report is written into: not refused as a /proc path."""
+    _tiny_onnx(in_tmp / "m.onnx")
+    code, _, err = run_cli(capsys, "profile", "m.onnx", "--report-json", "/proc/self/fd/1")
+    assert code == 1 and "the build or profile ran" in err  # it got past the checks, to the (stubbed) profile
 
 
 def test_a_name_of_240_characters_is_written(capsys, in_tmp):
@@ -403,6 +460,51 @@ def test_pair_build_publishes_every_engine_when_all_build(capsys, tiny_pair, tmp
     assert {r: recorded[r]["file"] for r in ("target", "target_tree", "draft")} == {
         "target": "target/model.fp32.engine", "target_tree": "target/tree.fp32.engine",
         "draft": "draft/model.fp32.engine"}
+
+
+@pytest.mark.parametrize("built_before", [True, False])
+def test_pair_build_failing_to_publish_in_draft_leaves_the_old_engines_and_manifest(capsys, tiny_pair, tmp_path,
+                                                                                      monkeypatch, built_before):
+    """The engines of target/ and draft/ and the manifest recording them are one set: a rename that fails in
+    draft/ after target/'s engines were renamed puts target/'s old engines back (or removes the new ones), and
+    the manifest stays the old one."""
+    import edgetok.engine.build
+    from edgetok import atomic
+
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    generation = ["old"]
+
+    def fake_build(opts, say, reuse=False):
+        Path(opts.output).write_text(f"{generation[0]} engine of {opts.onnx}")
+        Path(opts.output).with_suffix(".json").write_text(f'{{"generation": "{generation[0]}"}}')
+        return {"backend": {"name": "tensorrt", "version": generation[0]}, "precision": "fp32", "profiles": [],
+                "build_seconds": 0}
+
+    monkeypatch.setattr(edgetok.engine.build, "build_engine", fake_build)
+    monkeypatch.setattr(edgetok.engine.build, "progress", lambda tty: _Say())
+    if built_before:
+        code, _, err = run_cli(capsys, "build-engine", str(pair))
+        assert code == 0, err
+    before = {p.relative_to(pair): p.read_bytes() for p in pair.rglob("*") if p.is_file()}
+    assert len([p for p in before if p.suffix == ".engine"]) == (3 if built_before else 0)
+    generation[0] = "new"
+    real, renamed = os.replace, []
+
+    def replace(src, dst):
+        staged = Path(src).parent != Path(dst).parent  # not a temp file or a backup put back in its folder
+        if staged and Path(dst).parent.name == "draft":
+            raise OSError(errno.EIO, "Input/output error (injected)", str(dst))
+        if staged:
+            renamed.append(Path(dst).relative_to(pair))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    code, _, err = run_cli(capsys, "build-engine", str(pair))
+    assert code != 0 and "injected" in err
+    assert {p.parent.name for p in renamed} == {"target"}  # target/'s engines were in place when draft/ failed
+    after = {p.relative_to(pair): p.read_bytes() for p in pair.rglob("*") if p.is_file()}
+    assert after == before  # no new engine, no new manifest, no leftover
 
 
 class _Say:

@@ -364,3 +364,141 @@ def test_quantize_refuses_a_fifo_and_publishes_under_the_lock_all_or_nothing(tmp
     assert sidecar.read(out)["quantization"]["calibration"]["samples_asked"] == 16 == \
         first["quantization"]["calibration"]["samples_asked"]
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+# A pair's engines in target/ and draft/ and its manifest are one set ----------------------------------------
+
+
+def test_a_set_over_two_folders_failing_in_the_second_leaves_both_old(tmp_path, monkeypatch):
+    pair = tmp_path / "pair"
+    for role in ("target", "draft"):
+        (pair / role).mkdir(parents=True)
+        (pair / role / "model.fp32.engine").write_text(f"old {role}")
+    (pair / "edgetok_pair.json").write_text("old manifest")
+    before = {p.relative_to(pair): p.read_text() for p in pair.rglob("*") if p.is_file()}
+    stages = [(_stage(tmp_path / f"stage-{role}", {"model.fp32.engine": f"new {role}", "model.fp32.json": "report"}),
+               pair / role) for role in ("target", "draft")]
+    stages.append((_stage(tmp_path / "stage-manifest", {"edgetok_pair.json": "new manifest"}), pair))
+    calls = _fail_on_call(monkeypatch, 3)  # target/'s report and engine renamed, then draft/'s report fails
+    with pytest.raises(OSError, match="injected"):
+        atomic.publish_sets(stages, lock=pair)
+    assert calls[:3] == ["model.fp32.json", "model.fp32.engine", "model.fp32.json"]
+    assert {p.relative_to(pair): p.read_text() for p in pair.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    atomic.publish_sets(stages, lock=pair)
+    assert (pair / "draft" / "model.fp32.engine").read_text() == "new draft"
+    assert (pair / "edgetok_pair.json").read_text() == "new manifest"
+
+
+# A data folder is published with one rename, as a pair folder is ---------------------------------------------
+
+
+HELD_DIGITS = """
+import os, sys
+reached, go, out = int(sys.argv[1]), int(sys.argv[2]), os.path.abspath(sys.argv[3])
+rename = os.rename
+def held(src, dst, *args, **kwargs):  # the folder is written and checked: stop just before it is made visible
+    if os.path.abspath(dst) == out:
+        os.write(reached, b"1")
+        os.read(go, 1)
+    return rename(src, dst, *args, **kwargs)
+os.rename = held
+from edgetok.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_data_digits_writes_to_one_folder_cannot_both_succeed_or_nest(tmp_path):
+    """A is held after its emptiness check, at the rename that publishes its folder; B (another cache home,
+    so another lock, as for two users writing one shared folder) writes the same folder meanwhile. The
+    kernel's rename onto a folder that is no longer empty refuses A in one line."""
+    reached_r, reached_w = os.pipe()
+    go_r, go_w = os.pipe()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache-a")}
+    a = subprocess.Popen([sys.executable, "-c", HELD_DIGITS, str(reached_w), str(go_r), "out", "data", "digits",
+                          "--split", "train", "-o", "out"], pass_fds=(reached_w, go_r), cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(reached_w)
+    os.close(go_r)
+    try:
+        assert os.read(reached_r, 1) == b"1", a.communicate(timeout=60)
+        b = subprocess.run([sys.executable, "-c", "import sys; from edgetok.cli import main; sys.exit(main(sys.argv[1:]))",
+                            "data", "digits", "--split", "heldout", "-o", "out"],
+                           cwd=tmp_path, env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache-b")},
+                           capture_output=True, text=True, timeout=300)
+        os.write(go_w, b"1")
+        code, _, err = a.wait(timeout=300), *a.communicate()
+    finally:
+        os.close(reached_r)
+        os.close(go_w)
+        if a.poll() is None:
+            a.kill()
+    assert b.returncode == 0, b.stderr
+    assert_one_line_error(code, err, "out exists and is not empty")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.txt", *map(str, range(10))])  # nothing nested
+    assert len(list(out.rglob("*.png"))) == 539 and "held-out" in (out / "README.txt").read_text()  # B's alone
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+# The sidecar's hashes cover the external data file ----------------------------------------------------------
+
+
+@pytest.fixture
+def external_data_onnx(tmp_path):
+    """A model whose weight lives in m.onnx.data beside it, with the sidecar an export records for it."""
+    import numpy as np
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    weight = onnx.numpy_helper.from_array(np.full((1, 3, 8, 8), 0.5, np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("Add", ["pixel_values", "weight"], ["logits"])], "g", [x], [y],
+                              initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    assert (tmp_path / "m.onnx.data").is_file()
+    sidecar.write(sidecar.sidecar_path(path), {"kind": "vit", "onnx": {"file": path.name, "external_data": True,
+                                                                        **sidecar.model_hashes(path)},
+                                               "flops": {"dense_gmacs": 1.0, "reduced_gmacs": 1.0},
+                                               "preprocessing": {"input_size": [3, 8, 8]}})
+    return path
+
+
+def _swap_weights(model: Path) -> None:
+    """Another export's weights, same size, same graph: the .onnx is byte-identical."""
+    import numpy as np
+
+    data = Path(f"{model}.data")
+    data.write_bytes(np.full((1, 3, 8, 8), 7.0, np.float32).tobytes())
+
+
+def test_the_sidecar_records_the_external_data_files_hash(external_data_onnx):
+    recorded = json.loads(sidecar.sidecar_path(external_data_onnx).read_text())["onnx"]
+    assert recorded["data_sha256"] == hashlib.sha256(Path(f"{external_data_onnx}.data").read_bytes()).hexdigest()
+    assert recorded["sha256"] == hashlib.sha256(external_data_onnx.read_bytes()).hexdigest()
+    assert sidecar.read(external_data_onnx)["onnx"] == recorded  # the untouched pair is read
+
+
+def test_profile_and_eval_refuse_swapped_external_data(capsys, external_data_onnx, tmp_path):
+    data_hash = json.loads(sidecar.sidecar_path(external_data_onnx).read_text())["onnx"]["data_sha256"]
+    _swap_weights(external_data_onnx)
+    code, out, err = run_cli(capsys, "profile", str(external_data_onnx), "--duration", "0.1", "--warmup", "0",
+                             "-o", str(tmp_path / "prof"))
+    assert_one_line_error(code, err, f"records the SHA-256 {data_hash[:12]}", "m.onnx.data is", "export the model again")
+    assert not (tmp_path / "prof").exists()
+    (tmp_path / "data" / "0").mkdir(parents=True)
+    code, out, err = run_cli(capsys, "eval", str(external_data_onnx), "--data", str(tmp_path / "data"))
+    assert_one_line_error(code, err, f"records the SHA-256 {data_hash[:12]}", "m.onnx.data is")
+
+
+def test_a_sidecar_from_before_the_data_hash_is_still_read(external_data_onnx):
+    path = sidecar.sidecar_path(external_data_onnx)
+    side = json.loads(path.read_text())
+    del side["onnx"]["data_sha256"]
+    sidecar.write(path, side)
+    _swap_weights(external_data_onnx)
+    assert sidecar.read(external_data_onnx)["flops"]["dense_gmacs"] == 1.0  # the .onnx alone is checked, as then

@@ -129,7 +129,7 @@ def test_every_options_range_is_refused_in_one_line_before_torch_or_a_model(tmp_
                               else f"{o['flag']} {value}"))
     # domains a range cannot say: a count or a fraction, a bounded weight, block indices
     for method, flag, value, needle in (("ats", "--ats-budget", "1.5", "--ats-budget 1.5 must be a token count"),
-                                        ("gtp", "--alpha", "2.0", "--alpha 2.0 must be a finite number >= 0"),
+                                        ("gtp", "--alpha", "2.0", "--alpha 2.0 is out of range: give a value in [0, 1]"),
                                         ("evit", "--keep-layers", "3,-1", "--keep-layers [3, -1] must be 0-based")):
         cases.append((["export", "vit", "edgetok_digits_vit", "--method", method, flag, value], needle))
     # ranges of every kind (open, closed, half-open, int and float) and choices

@@ -40,7 +40,8 @@ def _load_onnx(path: str) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        protobuf = type(exc).__name__ == "DecodeError" or "Message type" in str(exc)  # JSON, text, another protobuf
+        reason = "not an ONNX protobuf" if protobuf else " ".join(str(exc).split())[:120] or type(exc).__name__
         raise EdgetokError(f"{path} is not an ONNX model ({reason}); give an .onnx file from `edgetok export`") from None
     _check_external_data(model, p)
     return model

@@ -66,8 +66,10 @@ def build_pair(folder: str, opts: BuildOptions, k: int = 4, tree_tokens: int = 1
     if manifest.get("draft"):
         decoders.append(("draft", manifest["draft"], manifest["draft"]["file"], 1, False))
     engines = {}
-    # All or nothing: every engine is built into a staging folder beside its place and published only when all
-    # built, so a failure on the draft leaves no target engines from this run (nor half a manifest).
+    # All or nothing: every engine is built into a staging folder beside its place, and the engines (target/,
+    # draft/) and the manifest that records them are published only when all built, as one set under the pair's
+    # lock (the one `export spec-pair` publishes the folder under), the manifest last: a failure on the draft,
+    # or a rename failing in draft/ after target/ was done, leaves the old engines and manifest whole.
     with contextlib.ExitStack() as stack:
         staged = []
         for role, entry, relative, query_opt, tree in decoders:
@@ -83,10 +85,10 @@ def build_pair(folder: str, opts: BuildOptions, k: int = 4, tree_tokens: int = 1
             engines[role] = {"file": str(Path(relative).with_name(out.name)), "backend": report["backend"],
                              "precision": report["precision"], "profiles": report["profiles"],
                              "build_seconds": report["build_seconds"]}
-        for stage, final_dir in staged:
-            atomic.publish(stage, final_dir)
-    manifest["engines"] = {"max_length": max_length, "batch": list(batch), **engines}
-    sidecar.write(Path(folder) / MANIFEST, manifest)
+        manifest["engines"] = {"max_length": max_length, "batch": list(batch), **engines}
+        stage = stack.enter_context(atomic.staging_dir(Path(folder) / MANIFEST))
+        sidecar.write(stage / MANIFEST, manifest)
+        atomic.publish_sets([*staged, (stage, Path(folder))], lock=Path(folder))
     manifest["path"] = str(folder)
     return manifest
 

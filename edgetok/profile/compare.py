@@ -40,6 +40,10 @@ def rows(models: list[dict]) -> list[dict]:
         items = m["batch"] * 1e3 / median  # images per second at the median latency
         gmacs = (m.get("flops") or {}).get("reduced_gmacs")
         bound = base_gmacs / gmacs if base_gmacs and gmacs else None
+        exact = [(x.get("flops") or {}) for x in (base, m)]
+        if bound and all(f.get("speedup_bound") for f in exact) and exact[0].get("dense_gmacs") == \
+                exact[1].get("dense_gmacs"):  # the same model: the unrounded bounds the export computed
+            bound = exact[1]["speedup_bound"] / exact[0]["speedup_bound"]
         speedup = items / base_items  # at equal batches: exactly the ratio of median latencies
         accuracy = m.get("accuracy") or {}
         table.append({

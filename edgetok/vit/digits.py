@@ -15,6 +15,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from edgetok import atomic
+from edgetok.errors import EdgetokError
 
 NAME = "edgetok_digits_vit"
 ASSET = Path(__file__).parents[1] / "assets" / "digits_vit"
@@ -66,35 +67,26 @@ def write_heldout_folder(out_dir: str | Path, split: str = "heldout") -> dict:
     out_dir = Path(out_dir)
     blocking = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        from edgetok.errors import EdgetokError
-
         raise EdgetokError(f"-o {out_dir}: {blocking} is a file, not a folder; choose another output folder")
     images, labels = digit_images()
     train, held = split_indices(len(images))
     if split not in ("heldout", "train"):
-        from edgetok.errors import EdgetokError
-
         raise EdgetokError(f"--split {split!r} is unknown; choose heldout (for accuracy) or train (for calibration)")
     held = held if split == "heldout" else train
+    atomic.check_target(out_dir, "folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # checked again when publishing: another write may get there first
+        raise EdgetokError(f"{out_dir} exists and is not empty; choose a new folder")
     with atomic.staging_dir(out_dir) as stage:
-        data = stage / "data"
         for digit in range(10):
-            (data / str(digit)).mkdir(parents=True)
+            (stage / str(digit)).mkdir()
         for i in held:
-            images[i].save(data / str(labels[i]) / f"{i:04d}.png")
-        (data / "README.txt").write_text(
+            images[i].save(stage / str(labels[i]) / f"{i:04d}.png")
+        (stage / "README.txt").write_text(
             f"{len(held)} held-out scikit-learn digits (32x32 PNG), written by `edgetok data digits`; the reference "
             "ViT never saw them in training.\n" if split == "heldout" else
             f"{len(held)} scikit-learn digits the reference ViT was trained on (32x32 PNG), written by `edgetok data "
             "digits --split train`: for calibrating methods, never for accuracy.\n")
-        if out_dir.exists() and any(out_dir.iterdir()):
-            from edgetok.errors import EdgetokError
-
-            raise EdgetokError(f"{out_dir} exists and is not empty; choose a new folder")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if out_dir.exists():
-            out_dir.rmdir()
-        data.rename(out_dir)
+        atomic.publish_folder(stage, out_dir)  # one rename, onto nothing or an empty folder only, as spec-pair's
     return {"path": str(out_dir), "images": len(held), "classes": 10}
 
 

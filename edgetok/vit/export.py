@@ -248,7 +248,7 @@ def export_vit(opts: ViTExportOptions, say: Callable[[str], None] = lambda s: No
         })
         if plugin_uses:
             data["cubins"] = _kernel_bundle(stage / bundle_path(out.name).name, say)
-        data["onnx"]["sha256"] = sidecar.file_sha256(staged)
+        data["onnx"].update(sidecar.model_hashes(staged))  # the .onnx and its external data file, if any
         data["request"] = export_request(opts)
         sidecar.write(stage / sidecar.sidecar_path(out).name, data)
         with sidecar.locked(out):  # an eval recording accuracy must not write the old sidecar over this one

@@ -226,7 +226,8 @@ def quantize(opts: QuantizeOptions, say: Callable[[str], None] = lambda s: None)
 
         record = dict(side)
         record.update(sidecar.stamp({}))
-        record["onnx"] = {**side["onnx"], "file": out.name, "sha256": sidecar.file_sha256(staged),
+        record["onnx"] = {**{k: v for k, v in side["onnx"].items() if k != "data_sha256"}, "file": out.name,
+                          **sidecar.model_hashes(staged),
                           "opset": next(o.version for o in qmodel.opset_import if o.domain in ("", "ai.onnx"))}
         record["quantization"] = {
             "mode": opts.mode, **_library(opts.mode, onnxruntime.__version__), "targets": opts.targets or None,

@@ -5,12 +5,6 @@ from edgetok.vit.methods.method import Method, Option
 MAX_ALPHA = 1.0  # gtp_torch.MAX_ALPHA (a test keeps them equal)
 
 
-def _alpha(value):
-    return None if 0 <= value <= MAX_ALPHA else (
-        f"must be a finite number >= 0 and <= {MAX_ALPHA:g}: the weight of the propagated tokens (a kept token's "
-        "own is 1), e.g. 0.1")
-
-
 def build(depth: int, options: dict, model: dict):
     from edgetok.errors import EdgetokError
     from edgetok.vit.methods.gtp_torch import GTP, parse_propagate
@@ -37,8 +31,8 @@ METHOD = Method(
     ),
     options=(Option("propagate", "schedule", "tokens propagated and removed per block, e.g. 8, or a list 8,8,4",
                     searchable=True, metavar="P"),
-             Option("alpha", "float", "weight of the propagated tokens", default=0.1, check=_alpha,
-                    searchable=True),
+             Option("alpha", "float", "weight of the propagated tokens (a kept token's own is 1)", default=0.1,
+                    range=(0, MAX_ALPHA), bounds="[]", example="0.1", searchable=True),
              Option("graph", "str", "spatial (8 grid neighbours), semantic (8 most similar) or mixed",
                     default="spatial", choices=("spatial", "semantic", "mixed"), searchable=True),
              Option("sparsity", "float", "θ, the share of each head's attention probabilities kept in every block "
