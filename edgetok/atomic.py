@@ -121,7 +121,7 @@ def check_target(path: str | Path, want: str = "file") -> None:
         return
     if (stat.S_ISREG(mode) and want in ("file", "either")) or (stat.S_ISDIR(mode) and want in ("folder", "either")):
         return
-    kind = next(name for test, name in _KINDS if test(mode)) if any(t(mode) for t, _ in _KINDS) else "special file"
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
     if kind == "symbolic link":
         with contextlib.suppress(OSError):
             kind += f" (to {os.readlink(path)})"

@@ -163,7 +163,7 @@ def read(artifact: str | Path, verify: bool = True) -> dict:
         for key, file in (("sha256", Path(artifact)), ("data_sha256", data_path(artifact))):
             if not isinstance(recorded.get(key), str) or not file.is_file():
                 continue
-            actual = _cached_sha256(file)
+            actual = cached_sha256(file)
             if actual != recorded[key]:
                 raise EdgetokError(f"{path} records the SHA-256 {recorded[key][:12]}... but {file} is {actual[:12]}...: "
                                    "the sidecar describes another model (an interrupted publish, or files of two "
@@ -174,7 +174,7 @@ def read(artifact: str | Path, verify: bool = True) -> dict:
 _SHA_CACHE: dict[tuple, str] = {}
 
 
-def _cached_sha256(path: Path) -> str:
+def cached_sha256(path: Path) -> str:
     """file_sha256, once per file version: profile and eval read a model's sidecar several times."""
     st = path.stat()
     key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

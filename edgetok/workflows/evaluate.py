@@ -58,7 +58,7 @@ class Predictor:
 
             if not path.is_file():
                 raise EdgetokError(f"{model} does not exist")
-            self.sha256 = sidecar.file_sha256(model)
+            self.sha256 = sidecar.cached_sha256(path)  # once per file version: the sidecar check reuses it
             import onnx
 
             graph = onnx.load(model, load_external_data=False)  # read once for both lookups
@@ -67,7 +67,7 @@ class Predictor:
             self.tokens_kept = {block: [] for block in self.count_outputs}
             self.attention_kept = {block: [] for block in self.kept_outputs}
             self.session = ort_session(model, extra_outputs=(*self.count_outputs.values(), *self.kept_outputs.values()))
-            if sidecar.file_sha256(model) != self.sha256:
+            if sidecar.cached_sha256(path) != self.sha256:  # a new version of the file is hashed afresh
                 raise EdgetokError(f"{model} changed while it was being loaded; run eval again when its export is done")
             self.input = self.session.get_inputs()[0].name
             record = export_record(model)

@@ -10,14 +10,11 @@ R_SCHEDULE = Option("r_schedule", "schedule", "'(r, inflect)' e.g. '(16, -1)' (d
 
 def build(depth: int, options: dict, model: dict):
     from edgetok.errors import EdgetokError
-    from edgetok.vit.methods.tome_torch import ToMe, parse_r_schedule
+    from edgetok.vit.methods.tome_torch import ToMe, r_option
 
-    r, schedule = options.get("r"), options.get("r_schedule")
-    if r is not None and schedule is not None:
-        raise EdgetokError("give --r or --r-schedule, not both")
-    if r is None and schedule is None:
+    if options.get("r") is None and options.get("r_schedule") is None:
         raise EdgetokError("--method tome needs --r N (tokens merged per block) or --r-schedule")
-    return ToMe(*parse_r_schedule(r if r is not None else schedule, depth))
+    return ToMe(*r_option(options, depth))
 
 
 METHOD = Method(

@@ -69,6 +69,16 @@ def parse_r_schedule(spec: str | int | list | tuple, depth: int) -> tuple[list[i
     return value, clamp
 
 
+def r_option(options: dict, depth: int) -> tuple[list[int] | None, bool]:
+    """``--r`` or ``--r-schedule`` (not both), as ``parse_r_schedule`` reads it: the option pair every merging
+    method shares. (None, False) when neither is given, for methods that may run on ``--keep-rate`` alone."""
+    r, schedule = options.get("r"), options.get("r_schedule")
+    if r is not None and schedule is not None:
+        raise EdgetokError("give --r or --r-schedule, not both")
+    given = r if r is not None else schedule
+    return parse_r_schedule(given, depth) if given is not None else (None, False)
+
+
 class ToMe:
     name = "tome"
     proportional_attention = True

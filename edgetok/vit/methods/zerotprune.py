@@ -4,15 +4,10 @@ from edgetok.vit.methods.method import Method, Option
 
 
 def build(depth: int, options: dict, model: dict):
-    from edgetok.errors import EdgetokError
-    from edgetok.vit.methods.tome_torch import parse_r_schedule
+    from edgetok.vit.methods.tome_torch import r_option
     from edgetok.vit.methods.zerotprune_torch import ZeroTPrune
 
-    r, schedule = options.get("r"), options.get("r_schedule")
-    if r is not None and schedule is not None:
-        raise EdgetokError("give --r or --r-schedule, not both")
-    given = r if r is not None else schedule
-    per_layer, clamp = parse_r_schedule(given, depth) if given is not None else (None, False)
+    per_layer, clamp = r_option(options, depth)
     return ZeroTPrune(per_layer, options.get("keep_rate"), depth, clamp, options.get("head_variance"),
                       options.get("similarity_share"))
 
