@@ -301,12 +301,13 @@ def methods_cmd(as_json: bool) -> None:
 @click.option("--k", type=int, default=4, show_default=True,
               help="PAIR: draft tokens per round; the target's profile favours k + 1 tokens per call.")
 @click.option("--tokens", type=int, default=16, show_default=True,
-              help="PAIR: lookahead tree size; the tree variant's profile favours it.")
+              help="PAIR or VLM folder: lookahead tree size; the tree variant's profile favours it.")
 def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace, opt_level, targets, timing_cache,
                      plugins, plugin_lib, python_plugins, serialize_plugins, dla_core, recipe, allow_recipe_plugins, k,
                      tokens) -> None:
     """Build a TensorRT or TensorRT-RTX engine from MODEL (.onnx) in a child process, or every decoder of a
-    speculative-decoding pair folder (KV-cache shape profiles from its manifest)."""
+    speculative-decoding pair folder (KV-cache shape profiles from its manifest), or every graph of a VLM folder
+    from `export vlm` (vision tower(s), embedding, decoders)."""
     from edgetok.engine.build import build_engine, progress, summary
     from edgetok.engine.options import BuildOptions, parse_targets
     from edgetok.llm import engines
@@ -324,6 +325,9 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
         model, values = _recipe_build(recipe, values, allow_recipe_plugins)
     elif not model:
         raise EdgetokError("give the ONNX model to build (e.g. edgetok-out/model.onnx) or --recipe NAME")
+    elif _is_vlm_folder(model):
+        _build_vlm(model, values, tokens)
+        return
     elif engines.is_pair(model):
         if values.get("precision", "fp32") != "fp32":
             raise EdgetokError(f"--precision {values['precision']}: build-engine PAIR builds fp32 engines only (the fp16 "
@@ -335,6 +339,28 @@ def build_engine_cmd(model, output, backend, precision, batch, shapes, workspace
     with progress(sys.stderr.isatty()) as say:
         report = build_engine(BuildOptions(onnx=model, **values), say, reuse=bool(recipe))
     click.echo(summary(report))
+
+
+def _is_vlm_folder(path: str) -> bool:
+    from edgetok.vlm.export import is_vlm
+
+    return is_vlm(path)
+
+
+def _build_vlm(folder: str, values: dict, tokens: int) -> None:
+    """build-engine DIR for a VLM folder (edgetok.vlm.engines): its towers, embedding and decoders."""
+    from edgetok.engine.build import progress
+    from edgetok.engine.options import BuildOptions
+    from edgetok.vlm import engines
+
+    if click.get_current_context().get_parameter_source("k") != click.core.ParameterSource.DEFAULT:
+        raise EdgetokError("--k is a pair's draft tokens per round; a VLM folder has no draft (its decoders favour "
+                           "one token, the tree --tokens): drop --k")
+    options = BuildOptions(onnx=folder, **values)
+    engines.check_request(options, tokens)
+    with progress(sys.stderr.isatty()) as say:
+        built = engines.build_vlm(folder, options, tokens, say)
+    click.echo(engines.summary(built))
 
 
 def _recipe_build(name: str, cli_values: dict, allow_plugins: bool = False) -> tuple[str, dict]:
@@ -445,9 +471,16 @@ def _ensure_export(opts, out: Path, label: str, echo: bool = False) -> None:
 @click.option("--ngram", type=int, default=4, show_default=True, help="--pair lookahead / prompt-lookup: n-gram.")
 @click.option("--branches", type=int, default=4, show_default=True, help="--pair lookahead: branches per call.")
 @click.option("--tokens", type=int, default=16, show_default=True, help="--pair lookahead / prompt-lookup: tokens.")
+@click.option("--vlm", is_flag=True, help="MODELS is one VLM folder (`export vlm`): vision, time to first token, decode "
+              "rate and KV cache, dense vs reduced tower (--image; --max-new-tokens, --iterations generations per "
+              "tower, default 3; --backend onnxruntime or tensorrt).")
+@click.option("--image", type=click.Path(dir_okay=False), help="--vlm: the image the generations see.")
+@click.option("--prompt", help="--vlm: the prompt (its image token marks the image; default: the image token and "
+              "seeded text ids).")
+@click.option("--prompt-ids", help="--vlm: the prompt as comma-separated token ids.")
 def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, iterations, rounds, threads, cuda_graphs,
                 data_transfers, recipe, host, remote_timeout, output_dir, report_json, pair, k, adaptive_k,
-                max_new_tokens, modes, ngram, branches, tokens) -> None:
+                max_new_tokens, modes, ngram, branches, tokens, vlm, image, prompt, prompt_ids) -> None:
     """Latency statistics (trtexec-grade) for one or more models, compared side by side."""
     from edgetok.profile.profiler import ProfileOptions, profile, summary, write_reports
 
@@ -458,6 +491,15 @@ def profile_cmd(models, backend, device, ep, batch, inputs, warmup, duration, it
         if not (atomic.to_stdout(report_json) or atomic.is_stream(report_json)):
             _check_output_place(report_json, "--report-json")
     _check_output_place(str(Path(output_dir) / "profile.json"), "-o")  # where the reports go, before the timing
+    if (image or prompt or prompt_ids) and not vlm:
+        given = "--image" if image else "--prompt" if prompt else "--prompt-ids"
+        raise EdgetokError(f"{given} is for --vlm (a VLM folder's profile); add --vlm, or drop {given}")
+    if not vlm and len(models) == 1 and _is_vlm_folder(models[0]):
+        raise EdgetokError(f"{models[0]} is a VLM folder; profile it with --vlm --image IMG")
+    if vlm:
+        _profile_vlm(models, image, prompt, _prompt_ids(prompt_ids), max_new_tokens, iterations, threads or 0,
+                     backend or "onnxruntime", device, host, pair, Path(output_dir), report_json)
+        return
     if pair:
         if host:
             raise EdgetokError("--pair --host is not supported yet; run edgetok profile --pair on the Jetson itself")
@@ -530,6 +572,31 @@ def _profile_pair(models, k, adaptive_k, max_new_tokens, device, threads: int, o
     click.echo(markdown(report), err=bool(report_json) and atomic.to_stdout(report_json))
 
 
+def _profile_vlm(models, image, prompt, prompt_ids, max_new_tokens, iterations, threads: int, backend: str, device,
+                 host, pair, out_dir: Path, report_json) -> None:
+    """profile --vlm (edgetok.vlm.profile): dense against reduced tower for one image."""
+    from edgetok import atomic, sidecar
+    from edgetok.vlm.export import is_vlm
+
+    if len(models) != 1 or pair or host or device not in (None, "cpu"):
+        raise EdgetokError("--vlm profiles one VLM folder (from `edgetok export vlm`) here, on the CPU (--backend "
+                           "tensorrt: its engines on this machine's GPU); drop --pair/--host/--device")
+    if image is None:
+        raise EdgetokError(f"--vlm needs --image IMG: the image the profiled generations of {models[0]} see")
+    if not is_vlm(models[0]):
+        raise EdgetokError(f"--vlm: {models[0]} is not a VLM folder (no edgetok_vlm.json); export one with "
+                           "`edgetok export vlm MODEL -o DIR`")
+    from edgetok.vlm.profile import markdown, profile_vlm
+
+    report = profile_vlm(models[0], image, max_new_tokens, iterations or 3, threads, backend, prompt, prompt_ids)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sidecar.write(out_dir / "vlm_profile.json", report)
+    atomic.write_text(out_dir / "vlm_profile.md", f"# edgetok VLM profile\n\n{markdown(report)}\n")
+    if report_json:
+        atomic.write_report(report_json, json.dumps(report, indent=2) + "\n")
+    click.echo(markdown(report), err=bool(report_json) and atomic.to_stdout(report_json))
+
+
 def _with_progress(work, total_seconds: float):
     """A progress bar over the timed seconds (stderr, only on a terminal)."""
     if not sys.stderr.isatty():
@@ -585,8 +652,34 @@ def export_spec_pair_cmd(target, draft, output) -> None:
     click.echo(summary(export_pair(target, draft, output, _say)))
 
 
+@export.command("vlm")
+@click.argument("model")
+@click.option("--method", default="none", show_default=True,
+              help=f"Visual-token reduction inside the vision tower: {', '.join(method_registry.names())} "
+                   "(`edgetok methods` lists them with their options).")
+@_method_flags
+@click.option("--max-length", type=int, help="Longest prompt (visual tokens included) plus answer, in tokens "
+              "(default: the language model's positions).")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New folder for the VLM.")
+def export_vlm_cmd(model, method, max_length, opset, output, **method_options) -> None:
+    """Export a Hugging Face LLaVA folder MODEL: a token-reduced vision tower, the embedding table and the language
+    model as KV-cache decoders taking embeddings, checked end to end against PyTorch."""
+    method_options = _method_values(method, method_options)
+    _check_output_place(str(Path(output) / "edgetok_vlm.json"), "-o")
+    if method == "dtome" and isinstance(method_options.get("calibrate"), str):
+        _check_image_folder(method_options["calibrate"], "--calibrate", "train")
+    from edgetok.vlm.export import VlmExportOptions, export_vlm, summary
+
+    click.echo(summary(export_vlm(VlmExportOptions(model=model, output=output, method=method,
+                                                   method_options=method_options, max_length=max_length,
+                                                   opset=opset), _say)))
+
+
 @cli.command("generate")
 @click.argument("pair", type=click.Path())
+@click.option("--image", type=click.Path(dir_okay=False),
+              help="A VLM folder (`export vlm`): the image; the prompt's image token marks where it goes.")
 @click.option("--prompt", help="Prompt text (needs the pair's tokenizer).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
@@ -607,9 +700,10 @@ def export_spec_pair_cmd(target, draft, output) -> None:
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: the engines of `edgetok build-engine PAIR` (a CUDA GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
-def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branches, tokens, adaptive_k, temperature,
-                 seed, draft_device, target_device, backend, as_json) -> None:
-    """Generate with the target alone, with speculative decoding, or draft-free (lookahead, prompt lookup): lossless."""
+def generate_cmd(pair, image, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branches, tokens, adaptive_k,
+                 temperature, seed, draft_device, target_device, backend, as_json) -> None:
+    """Generate with the target alone, with speculative decoding, or draft-free (lookahead, prompt lookup): lossless.
+    PAIR may be a VLM folder from `export vlm`, with --image."""
     import json
 
     from edgetok.llm.pair import default_mode, read_manifest
@@ -617,16 +711,17 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branc
 
     if seed < 0:
         raise EdgetokError(f"--seed {seed} must be >= 0 (a NumPy random seed), e.g. 0")
+    from edgetok.vlm.export import is_vlm
+
+    if is_vlm(pair) or image is not None:
+        _generate_vlm(pair, image, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, ngram, branches, tokens,
+                      temperature, seed, draft_device, target_device, backend, as_json)
+        return
     if mode is None:
         mode = default_mode(read_manifest(pair))
         if mode != "speculative":
             _say(f"--mode {mode}: {pair} has no draft model (exported with --draft none)")
-    ids = None
-    if prompt_ids is not None:
-        try:
-            ids = [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
-        except ValueError:
-            raise EdgetokError(f"--prompt-ids {prompt_ids!r} must be comma-separated integers") from None
+    ids = _prompt_ids(prompt_ids)
     result = generate(pair, prompt, ids, max_new_tokens, mode, k, temperature, seed, draft_device, target_device,
                       adaptive_k, ngram, branches, tokens, backend)
     if as_json:
@@ -637,6 +732,51 @@ def generate_cmd(pair, prompt, prompt_ids, max_new_tokens, mode, k, ngram, branc
     extra = (f", acceptance {result['acceptance_rate']:.2f}, {result['mean_tokens_per_round']:.2f} tokens/round"
              if mode != "target" and result["proposed"] else ", nothing proposed" if mode != "target" else "")
     _say(f"{result['new_tokens']} tokens, {rate:.1f} tok/s ({mode}{extra})")
+
+
+def _prompt_ids(prompt_ids: str | None) -> list[int] | None:
+    if prompt_ids is None:
+        return None
+    try:
+        return [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise EdgetokError(f"--prompt-ids {prompt_ids!r} must be comma-separated integers") from None
+
+
+def _generate_vlm(folder, image, prompt, prompt_ids, max_new_tokens, mode, k, adaptive_k, ngram, branches, tokens,
+                  temperature, seed, draft_device, target_device, backend, as_json) -> None:
+    """`generate` of a VLM folder: the image's visual tokens spliced at the prompt's image token, then the
+    language decoder alone or draft-free (edgetok.vlm.runtime)."""
+    from edgetok.vlm.export import is_vlm, read_manifest
+
+    if not is_vlm(folder):
+        raise EdgetokError(f"--image needs a VLM folder from `edgetok export vlm`; {folder} is not one")
+    if image is None:
+        raise EdgetokError(f"{folder} is a VLM folder: give --image IMG (and a prompt holding the image token)")
+    given = [flag for flag, on in (("--k", k != 4), ("--adaptive-k", adaptive_k), ("--draft-device", draft_device != "cpu"),
+                                   ("--target-device", target_device != "cpu"), ("--backend", backend != "onnxruntime"))
+             if on]
+    if given:
+        raise EdgetokError(f"{given[0]} does not apply to a VLM folder (no draft model; ONNX Runtime on the CPU); drop it")
+    if mode == "speculative":
+        raise EdgetokError(f"--mode speculative needs a draft model and {folder} (a VLM) has none; use --mode target, "
+                           "lookahead or prompt-lookup")
+    ids = _prompt_ids(prompt_ids)
+    if mode is None:
+        mode = "lookahead"
+        read_manifest(folder)  # a damaged folder is refused before the message below
+        _say(f"--mode {mode}: {folder} is a VLM folder (no draft model)")
+    from edgetok.vlm.runtime import generate
+
+    result = generate(folder, image, prompt, ids, max_new_tokens, mode, temperature, seed, ngram, branches, tokens)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(result.get("text", " ".join(map(str, result["tokens"]))))
+    rate = result["decode_tokens_per_s"]
+    extra = (f", acceptance {result['acceptance_rate']:.2f}" if mode != "target" and result["proposed"] else
+             ", nothing proposed" if mode != "target" else "")
+    _say(f"{result['visual_tokens']} visual tokens; {result['new_tokens']} tokens, {rate:.1f} tok/s ({mode}{extra})")
 
 
 @cli.command("quantize")
@@ -720,16 +860,129 @@ def _check_compare_values(data: str, methods: list[str], shares: list[float], ba
     walk(data, "--data")  # an empty folder, a class without images, a link loop: refused in one line
 
 
+@cli.command("tune")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(), help="ImageFolder the accuracy is measured on.")
+@click.option("--calibrate", type=click.Path(), help="ImageFolder of training-style images: int8/fp8 calibration, dtome.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights when MODEL is a timm name.")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Accuracy loss allowed, in points of --metric against the dense export.")
+@click.option("--metric", type=click.Choice(["top1", "agreement"]), default="top1", show_default=True,
+              help="top1: top-1 below the dense export's; agreement: top-1 disagreement with the dense export.")
+@click.option("--target", default="cpu", show_default=True,
+              help="cpu (ONNX Runtime here) or the GPU architecture the devices offer as a Ray resource, e.g. sm87.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch the latency is measured at.")
+@click.option("--trials", type=int, help="Trials in all, reruns included (default 32, or unlimited with --time).")
+@click.option("--time", "time_limit", help="Start no new trial after this long, e.g. 2h, 30m, 90s.")
+@click.option("--methods", help="Methods to search (default: all; dtome with --calibrate). `edgetok methods` lists them.")
+@click.option("--precision", help="fp32,fp16,int8,fp8 (default: fp32 [+fp16 for an engine target] [+int8 with --calibrate]).")
+@click.option("--attention", default="dense", show_default=True, help="dense,sparse: attention kinds to search.")
+@click.option("--plugins", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="edgetok plugin nodes: auto searches both for an engine target (off for cpu).")
+@click.option("--address", help="Join this Ray cluster (HOST:PORT of `ray start --head`, or ray://HOST:PORT); "
+              "default: a local instance, loopback only.")
+@click.option("--workers", type=int, help="CPU tasks at once (default: the cluster's CPUs).")
+@click.option("--duration", type=float, default=2.0, show_default=True, help="Timed seconds per profile.")
+@click.option("--target-timeout", type=float, default=120.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for a node offering --target before giving up.")
+@click.option("--cpu-stand-in", is_flag=True, help="A node offering --target without a GPU profiles on its CPU "
+              "(ONNX Runtime), recorded as a stand-in: tries a fleet's plumbing without devices.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="edgetok-out/tune", show_default=True,
+              help="The study (study.db, resumable), tune.json, pareto.md/png, best.yaml and every trial's files.")
+def tune_cmd(model, data, calibrate, checkpoint, max_drop, metric, target, batch, trials, time_limit, methods,
+             precision, attention, plugins, address, workers, duration, target_timeout, cpu_stand_in,
+             output_dir) -> None:
+    """Search token reduction, attention, precision and plugins for the fastest MODEL on --target that loses at
+    most --max-drop points; trials run on Ray (resumable: rerun the same command to continue)."""
+    from edgetok.tune import space
+
+    if not 0 <= max_drop < math.inf:
+        raise EdgetokError(f"--max-drop {max_drop:g} must be a finite number of points >= 0, e.g. 1.0")
+    target = space.parse_target(target)
+    chosen = space.parse_methods(methods, calibrate)
+    precisions = space.parse_precisions(precision, target, calibrate)
+    attentions = space.parse_attention(attention)
+    plugin_choices = space.plugin_choices(plugins, target)
+    seconds = space.parse_duration(time_limit)
+    if trials is not None and seconds is not None:
+        raise EdgetokError("give --trials or --time, not both")
+    for flag, value, low in (("--trials", trials, 1), ("--batch", batch, 1), ("--workers", workers, 1)):
+        if value is not None and value < low:
+            raise EdgetokError(f"{flag} {value} must be >= {low}")
+    if not 0 <= duration < math.inf or not 0 < target_timeout < math.inf:
+        raise EdgetokError(f"--duration {duration:g} must be >= 0 and --target-timeout {target_timeout:g} > 0 seconds")
+    _check_checkpoint(checkpoint)
+    _check_image_folder(data, "--data", "heldout")
+    if calibrate:
+        _check_image_folder(calibrate, "--calibrate", "train")
+    _check_output_place(str(Path(output_dir) / "tune.json"), "-o")
+    if address:
+        from edgetok.tune.fleet import check_reachable
+
+        check_reachable(address)  # before Ray: one line after a short timeout, not Ray's minute of retries
+    from edgetok.tune import report
+    from edgetok.tune.study import TuneOptions, run_study
+
+    opts = TuneOptions(model=model, data=data, calibrate=calibrate, checkpoint=checkpoint, max_drop=max_drop,
+                       metric=metric, target=target, batch=batch, trials=trials, time_s=seconds, methods=chosen,
+                       precisions=precisions, attentions=attentions, plugins=plugin_choices, address=address,
+                       output_dir=output_dir, workers=workers, duration_s=duration, target_timeout_s=target_timeout,
+                       cpu_stand_in=cpu_stand_in)
+    import signal
+
+    terminated = []
+
+    def on_sigterm(signum, frame):  # Ray's calls turn what a handler raises into KeyboardInterrupt: remember it
+        terminated.append(signum)
+        _on_sigterm(signum, frame)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # main() restores the previous handler
+    try:
+        records = run_study(opts, _say, _progress_line())
+    except KeyboardInterrupt as exc:  # the study keeps what finished: say so, not "nothing was written"
+        term = isinstance(exc, Terminated) or bool(terminated)
+        click.echo(f"error: {'terminated (SIGTERM)' if term else 'aborted'}; the finished trials are kept in "
+                   f"{Path(output_dir) / 'study.db'}: rerun the same command to continue", err=True)
+        raise click.exceptions.Exit(143 if term else 130) from None
+    click.echo(report.markdown(records, opts), nl=False)
+    top = report.best(records)
+    click.echo(f"wrote {output_dir}/tune.json, pareto.md, pareto.png"
+               + (f", best.yaml (trial {top['number']}: {top['label']})" if top else
+                  f"; no trial within --max-drop {max_drop:g} was profiled, so no best.yaml"))
+
+
+def _progress_line():
+    """The live line on stderr: rewritten in place on a terminal, a new line per change otherwise."""
+    last = [None]
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        if line == last[0]:
+            return
+        last[0] = line
+        click.echo(("\r\033[K" if tty else "") + line, err=True, nl=not tty)
+
+    return show
+
+
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", required=True, type=click.Path(), help="ImageFolder: one subfolder of images per class.")
+@click.option("--data", required=True, type=click.Path(), help="ImageFolder: one subfolder of images per class "
+              "(a VLM: a folder with questions.jsonl, as `edgetok data digits-vlm` writes).")
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--reference", help="Reference model (e.g. the dense ONNX): top-1 agreement and mean KL.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights when MODEL is a timm name.")
 @click.option("--no-sidecar", is_flag=True, help="Do not record the result in the ONNX sidecar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> None:
-    """Top-1/top-5 of MODEL (.onnx, engine or timm name) on an ImageFolder, with its own preprocessing."""
+    """Top-1/top-5 of MODEL (.onnx, engine or timm name) on an ImageFolder, with its own preprocessing; for a
+    VLM (an `export vlm` folder, or a Hugging Face LLaVA folder in PyTorch), answer accuracy by greedy generation."""
+    from edgetok.vlm.evaluate import folder_kind
+
+    if folder_kind(model):
+        _eval_vlm(model, data, batch, reference, checkpoint, as_json)
+        return
     _check_checkpoint(checkpoint)
     _check_image_folder(data, "--data", "heldout")
     import json
@@ -767,6 +1020,24 @@ def eval_cmd(model, data, batch, reference, checkpoint, no_sidecar, as_json) -> 
     click.echo(line)
 
 
+def _eval_vlm(model, data, batch, reference, checkpoint, as_json) -> None:
+    """`eval` of a VLM folder: answer accuracy and visual tokens (edgetok.vlm.evaluate)."""
+    for given, flag in ((reference, "--reference"), (checkpoint, "--checkpoint")):
+        if given:
+            raise EdgetokError(f"{flag} applies to a ViT; {model} is a VLM folder, evaluated on its own weights")
+    from edgetok.vlm.evaluate import evaluate, read_data
+
+    read_data(data)  # a missing or malformed questions file: one line, before any model loads
+    result = _with_count_progress(lambda tick: evaluate(model, data, batch, tick))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    tokens = result["visual_tokens"]
+    click.echo(f"{model}: answer accuracy {result['accuracy']:.2%} on {result['questions']} questions about "
+               f"{result['images']} images ({result['backend']}); visual tokens per image: mean {tokens['mean']:g} "
+               f"[{tokens['min']}-{tokens['max']}]")
+
+
 def _with_count_progress(work):
     if not sys.stderr.isatty():
         return work(None)
@@ -792,6 +1063,20 @@ def data_digits_cmd(split, output) -> None:
 
     info = write_heldout_folder(output or f"edgetok-out/digits-{split}", split)
     click.echo(f"wrote {info['images']} images in {info['classes']} class folders to {info['path']}")
+
+
+@data.command("digits-vlm")
+@click.option("--split", type=click.Choice(["heldout", "train"]), default="heldout", show_default=True,
+              help="heldout: for accuracy; train: the digits the reference VLM learned from, for calibrating (dtome "
+                   "--calibrate DIR).")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Folder (default: edgetok-out/digits-vlm-<split>).")
+def data_digits_vlm_cmd(split, output) -> None:
+    """Grids of four scikit-learn digits and questions about them (questions.jsonl), for the reference VLM."""
+    from edgetok.vlm.digits import write_data
+
+    info = write_data(output or f"edgetok-out/digits-vlm-{split}", split)
+    click.echo(f"wrote {info['images']} images and {info['questions']} questions to {info['path']}")
 
 
 @cli.group()

@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edgetok"
 # What runs a model (loading, patching, the methods, the token transform, FLOPs, ONNX export, the plugins, the
 # runners, the engine builder, the LLM decoders) sits below what evaluates, profiles, compares, quantizes or
 # tunes it. Each row: a lower package (or module) and the workflow packages none of its modules may import.
-WORKFLOWS = ("edgetok.workflows", "edgetok.profile", "edgetok.cli", "edgetok.__main__")
+WORKFLOWS = ("edgetok.workflows", "edgetok.profile", "edgetok.tune", "edgetok.cli", "edgetok.__main__")
 LAYERING = {
     "edgetok.vit": WORKFLOWS,
     "edgetok.onnx": WORKFLOWS,
@@ -39,14 +39,18 @@ LAYERING = {
     "edgetok.atomic": WORKFLOWS,
     "edgetok.errors": WORKFLOWS,
     "edgetok.llm": WORKFLOWS,
+    "edgetok.vlm": WORKFLOWS,
     # the workflows are above the model stack, below the command line
-    "edgetok.workflows": ("edgetok.cli", "edgetok.__main__"),
-    "edgetok.profile": ("edgetok.cli", "edgetok.__main__"),
+    "edgetok.workflows": ("edgetok.tune", "edgetok.cli", "edgetok.__main__"),
+    "edgetok.profile": ("edgetok.tune", "edgetok.cli", "edgetok.__main__"),
+    # tune searches over everything below it: it runs the workflows, the command line runs it
+    "edgetok.tune": ("edgetok.cli", "edgetok.__main__"),
 }
-# The one import across the line, and why: llm/profile.py is `profile --pair`, a profiling workflow kept with the
-# pair it measures, and it records the same environment as `profile` does (a leaf module: it imports nothing
-# of edgetok).
-ALLOWED = {("edgetok.llm.profile", "edgetok.profile.environment")}
+# The imports across the line, and why: llm/profile.py is `profile --pair` and vlm/profile.py `profile --vlm`,
+# profiling workflows kept with the models they measure; they record the same environment as `profile` does (a
+# leaf module: it imports nothing of edgetok).
+ALLOWED = {("edgetok.llm.profile", "edgetok.profile.environment"),
+           ("edgetok.vlm.profile", "edgetok.profile.environment")}
 
 
 def modules(root: Path = PACKAGE) -> dict[str, Path]:

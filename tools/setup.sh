@@ -22,8 +22,8 @@ pip() {
 step "2/3 installing torch 2.14.1 and torchvision 0.29.1"
 pip install -c .ci/constraints.txt torch==2.14.1 torchvision==0.29.1
 step "3/3 installing edgetok (editable) and its dependencies (timm, transformers, onnx, onnxruntime, ...) with" \
-     "[test,tensorrt-rtx,fp8]: pytest, TensorRT-RTX, Polygraphy, NVIDIA Model Optimizer"
-pip install -c .ci/constraints.txt -e '.[test,tensorrt-rtx,fp8]'
+     "[test,tensorrt-rtx,fp8,tune]: pytest, TensorRT-RTX, Polygraphy, NVIDIA Model Optimizer, Ray and Optuna"
+pip install -c .ci/constraints.txt -e '.[test,tensorrt-rtx,fp8,tune]'
 step "unpacking NVIDIA's TensorRT 10.14 headers for the C++ plugin library (PyPI wheel kernel-lens 2.0.1," \
      "SHA-256 pinned in edgetok/plugins/library.py) into .venv/share/edgetok/tensorrt-include"
 .venv/bin/python -m edgetok.plugins.library install-headers

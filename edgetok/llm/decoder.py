@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 INPUTS = ("input_ids", "attention_mask", "position_ids")
+EMBEDS = "inputs_embeds"  # the first input of the embeds variant: a VLM's prompt, visual rows spliced in (edgetok.vlm)
 
 
 @dataclass
@@ -131,11 +132,14 @@ class DecoderWithCache(nn.Module):
 
     ALiBi families (BLOOM, MPT, Falcon with alibi=True) take their biases from the keys' positions (alibi.py), so
     position_ids place the new tokens for them as for every other family. ``reference``: the model exactly as
-    transformers runs it (ALiBi from the mask), what the exports are checked against."""
+    transformers runs it (ALiBi from the mask), what the exports are checked against. ``embeds``: the first input
+    is ``inputs_embeds`` [B, S, hidden] instead of ids (the embeds variant: its rows need not come from the
+    embedding table)."""
 
-    def __init__(self, lm: CausalLM, reference: bool = False):
+    def __init__(self, lm: CausalLM, reference: bool = False, embeds: bool = False):
         super().__init__()
         self.model = lm.model
+        self.first = EMBEDS if embeds else INPUTS[0]
         self.layers = lm.layers
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -159,7 +163,7 @@ class DecoderWithCache(nn.Module):
             keys = alibi.key_positions(self.alibi, visible, position_ids, past[0].shape[2] if past else 0)
             positions = alibi.positions_from(self.model, keys)
         with positions:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            out = self.model(**{self.first: input_ids}, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, **{self.cache_kw: cache})
         present = out.get("cache") or out.get("past_key_values")
         flat = []
@@ -184,15 +188,24 @@ def causal_mask(batch: int, past: int, seq: int) -> torch.Tensor:
     return (torch.arange(past + seq)[None, :] <= rows).expand(batch, 1, seq, past + seq).contiguous()
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
+def io_names(layers: int, embeds: bool = False) -> tuple[list[str], list[str]]:
     past = [name % i for i in range(layers) for name in (PAST_KEY, PAST_VALUE)]
     present = [name % i for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
-    return [*INPUTS, *past], ["logits", *present]
+    return [EMBEDS if embeds else INPUTS[0], *INPUTS[1:], *past], ["logits", *present]
 
 
-def _example(lm: CausalLM, batch: int, seq: int, past_len: int, seed: int = 0):
+def _first(lm: CausalLM, ids: torch.Tensor, embeds: bool) -> torch.Tensor:
+    """The first input for ``ids``: the ids, or (embeds variant) their rows of the model's own embedding table,
+    so the checks run at the magnitudes the model sees."""
+    if not embeds:
+        return ids
+    with torch.no_grad():
+        return lm.model.get_input_embeddings()(ids).detach()
+
+
+def _example(lm: CausalLM, batch: int, seq: int, past_len: int, seed: int = 0, embeds: bool = False):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, lm.config.vocab_size, (batch, seq), generator=gen)
+    ids = _first(lm, torch.randint(0, lm.config.vocab_size, (batch, seq), generator=gen), embeds)
     mask = torch.ones(batch, past_len + seq, dtype=torch.long)
     pos = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
     past = []
@@ -218,26 +231,26 @@ def check_exportable(lm: CausalLM) -> None:
                            "mask, not position_ids, so a tree's branches would see the wrong distances")
 
 
-def export_decoder(lm: CausalLM, path: Path, opset: int = 17, tree: bool = False) -> None:
+def export_decoder(lm: CausalLM, path: Path, opset: int = 17, tree: bool = False, embeds: bool = False) -> None:
     """TorchScript-based export, traced with batch 2, sequence 3 and a past of 4 (a past of 0 or a
     size-1 axis would be specialised away); every axis that varies is named. ``tree``: the tree-verify variant
-    (DecoderWithTree)."""
-    inputs, outputs = io_names(lm.layers)
+    (DecoderWithTree); ``embeds``: ``inputs_embeds`` in place of ``input_ids``."""
+    inputs, outputs = io_names(lm.layers, embeds)
     mask_axes = {0: "batch", 2: "sequence", 3: "total_sequence"} if tree else {0: "batch", 1: "total_sequence"}
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": mask_axes,
+    axes = {inputs[0]: {0: "batch", 1: "sequence"}, "attention_mask": mask_axes,
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     for name in inputs[3:]:
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total_sequence"}
     check_exportable(lm)
-    ids, mask, pos, past = _example(lm, batch=2, seq=3, past_len=4)
+    ids, mask, pos, past = _example(lm, batch=2, seq=3, past_len=4, embeds=embeds)
     if tree:
         mask = causal_mask(2, 4, 3)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export((DecoderWithTree if tree else DecoderWithCache)(lm), (ids, mask, pos, *past), str(path),
+            torch.onnx.export((DecoderWithTree if tree else DecoderWithCache)(lm, embeds=embeds), (ids, mask, pos, *past), str(path),
                               dynamo=False, opset_version=opset, input_names=inputs, output_names=outputs,
                               dynamic_axes=axes)
     except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as exc:
@@ -252,14 +265,16 @@ def export_decoder(lm: CausalLM, path: Path, opset: int = 17, tree: bool = False
             raise EdgetokError(f"export fixed the batch of {value.name} to {dims[0]}; please report this model")
 
 
-def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4, tree: bool = False) -> dict:
+def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4, tree: bool = False,
+                  embeds: bool = False) -> dict:
     """ONNX Runtime vs PyTorch on every phase, at a batch and lengths the export never saw (the tree variant
-    with the causal 4-D mask of each phase, and PyTorch given the plain mask: the variant must equal the model)."""
+    with the causal 4-D mask of each phase, and PyTorch given the plain mask: the variant must equal the model).
+    ``embeds``: the embeds variant, fed the embedding rows of the same random ids."""
     from edgetok.onnx.validate import ort_session
 
     session = ort_session(str(path))
-    wrapper = DecoderWithCache(lm, reference=True)
-    inputs, _ = io_names(lm.layers)
+    wrapper = DecoderWithCache(lm, reference=True, embeds=embeds)
+    inputs, _ = io_names(lm.layers, embeds)
     results = {}
 
     def both(ids, mask, pos, past):
@@ -281,13 +296,14 @@ def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4, tree: bool 
         results[name] = max(float(np.abs(r - g).max()) for r, g in zip(ref, got))
 
     batch = 3
-    ids, mask, pos, past = _example(lm, batch, seq=6, past_len=0, seed=1)  # prefill
+    ids, mask, pos, past = _example(lm, batch, seq=6, past_len=0, seed=1, embeds=embeds)  # prefill
     ref, got = both(ids, mask, pos, past)
     record("prefill", ref, got)
     cache = [torch.from_numpy(a) for a in got[1:]]
     length = 6
     for name, seq in [("decode", 1), ("verify_k+1", 5)]:
-        ids = torch.randint(0, lm.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        ids = _first(lm, torch.randint(0, lm.config.vocab_size, (batch, seq),
+                                       generator=torch.Generator().manual_seed(seq)), embeds)
         mask = torch.ones(batch, length + seq, dtype=torch.long)
         pos = torch.arange(length, length + seq).expand(batch, seq).contiguous()
         ref, got = both(ids, mask, pos, cache)
@@ -296,12 +312,13 @@ def check_decoder(lm: CausalLM, path: Path, tolerance: float = 1e-4, tree: bool 
         length += seq
     keep = length - 3  # reject the last three verified tokens, then continue from there
     cropped = [c[:, :, :keep].contiguous() for c in cache]
-    ids = torch.randint(0, lm.config.vocab_size, (batch, 2), generator=torch.Generator().manual_seed(7))
+    ids = _first(lm, torch.randint(0, lm.config.vocab_size, (batch, 2), generator=torch.Generator().manual_seed(7)),
+                 embeds)
     mask = torch.ones(batch, keep + 2, dtype=torch.long)
     pos = torch.arange(keep, keep + 2).expand(batch, 2).contiguous()
     ref, got = both(ids, mask, pos, cropped)
     record("crop_and_continue", ref, got)
-    ids, mask, pos, past = _example(lm, batch=1, seq=11, past_len=9, seed=2)  # other batch and lengths
+    ids, mask, pos, past = _example(lm, batch=1, seq=11, past_len=9, seed=2, embeds=embeds)  # other batch, lengths
     ref, got = both(ids, mask, pos, past)
     record("other_shapes", ref, got)
     worst = max(results.values())

@@ -57,6 +57,11 @@ class Decoder:
         mask, positions = tree_inputs(self.length, parents)
         return self._run([root, *tokens], mask, positions)
 
+    def _tokens_in(self, tokens: list[int], positions: np.ndarray) -> dict:
+        """The feed for the tokens themselves (``_run`` adds the mask, positions and cache); a VLM's decoder
+        (edgetok.vlm.runtime) feeds their embeddings, with the image's rows spliced in, instead."""
+        return {"input_ids": np.array([tokens], np.int64)}
+
     def _record(self, tokens: int, seconds: float) -> None:
         self.seconds += seconds
         self.calls += 1

@@ -53,7 +53,7 @@ class OrtDecoder(Decoder):
         return np.zeros((1, self.kv_heads, 0, self.head), np.float32)
 
     def _run(self, tokens: list[int], mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        inputs = {"input_ids": np.array([tokens], np.int64), "attention_mask": mask, "position_ids": positions[None]}
+        inputs = {**self._tokens_in(tokens, positions), "attention_mask": mask, "position_ids": positions[None]}
         for i in range(self.layers):
             inputs[f"past_key_values.{i}.key"] = self.cache[2 * i]
             inputs[f"past_key_values.{i}.value"] = self.cache[2 * i + 1]

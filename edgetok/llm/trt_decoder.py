@@ -55,7 +55,7 @@ class TrtDecoder(Decoder):
 
     def _run(self, tokens: list[int], mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         torch = self.torch
-        feeds = {"input_ids": np.array([tokens], np.int64), "attention_mask": mask, "position_ids": positions[None]}
+        feeds = {**self._tokens_in(tokens, positions), "attention_mask": mask, "position_ids": positions[None]}
         tensors = {name: torch.from_numpy(np.ascontiguousarray(v)).to("cuda", self.dtypes[name])
                    for name, v in feeds.items()}
         for i in range(self.layers):

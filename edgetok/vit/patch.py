@@ -6,12 +6,20 @@ one line added (the reduction) and the proportional-attention bias passed throug
 drop-path) are untouched, so with nothing to reduce the output is exactly the original model's.
 Queries and keys are read by forward hooks on the modules that produce them. Token sizes live in a
 state object shared by the blocks; the first block starts each forward afresh.
+
+Blocks patched: timm's ``Block``, Hugging Face's ``ViTLayer``, and the encoder layers of the CLIP and SigLIP
+vision towers that LLaVA-style models use (``CLIPEncoderLayer``, ``SiglipEncoderLayer``; edgetok/vlm). The
+subclasses stay instances of the originals, so transformers' output recording (hooks installed on every
+``isinstance`` of the layer class, which LLaVA's ``get_image_features`` reads its feature layer from) still
+sees them.
 """
 
 from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import Attention, Block
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from edgetok.errors import EdgetokError
@@ -128,6 +136,33 @@ class ReducingViTLayer(ViTLayer, _ReducingMixin):
         return hidden_states + residual
 
 
+def _encoder_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """``CLIPEncoderLayer.forward`` (``SiglipEncoderLayer``'s is the same) with the reduction after attention."""
+    residual = hidden_states
+    normed = self.layer_norm1(hidden_states)
+    hidden_states = self._edgetok_attend(
+        self.self_attn, normed, attention_mask,
+        lambda mask: self.self_attn(hidden_states=normed, attention_mask=mask, **kwargs)[0])
+    hidden_states = residual + hidden_states
+    hidden_states = self._edgetok_reduce(hidden_states)
+
+    residual = hidden_states
+    hidden_states = self.layer_norm2(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+class ReducingCLIPEncoderLayer(CLIPEncoderLayer, _ReducingMixin):
+    forward = _encoder_layer_forward
+
+
+class ReducingSiglipEncoderLayer(SiglipEncoderLayer, _ReducingMixin):
+    forward = _encoder_layer_forward
+
+
+ENCODER_LAYERS = {CLIPEncoderLayer: ReducingCLIPEncoderLayer, SiglipEncoderLayer: ReducingSiglipEncoderLayer}
+
+
 def _tap(taps: dict, key: str, heads: int | None = None, part: int | None = None):
     def hook(module, args, output):
         if part is not None:  # fused [B, N, 3*H*D] qkv projection: take q, k or v
@@ -175,10 +210,18 @@ def patch_blocks(vit: LoadedViT, method, amounts: list[int], plugins: bool = Fal
             attn.k_proj.register_forward_hook(_tap(taps, "k", attn.num_attention_heads))
             if getattr(method, "data_dependent", False):
                 attn.v_proj.register_forward_hook(_tap(taps, "v", attn.num_attention_heads))
+        elif type(block) in ENCODER_LAYERS:  # CLIP / SigLIP vision towers (separate q, k, v projections)
+            block.__class__ = ENCODER_LAYERS[type(block)]
+            attn = block.self_attn
+            taps["scale"] = attn.scale
+            attn.q_proj.register_forward_hook(_tap(taps, "q", attn.num_heads))
+            attn.k_proj.register_forward_hook(_tap(taps, "k", attn.num_heads))
+            if getattr(method, "data_dependent", False):
+                attn.v_proj.register_forward_hook(_tap(taps, "v", attn.num_heads))
         else:
             raise EdgetokError(
                 f"{vit.name} uses {type(block).__name__} blocks, which edgetok cannot reduce yet; "
-                "use --method none or a model built from timm Block / HF ViTLayer"
+                "use --method none or a model built from timm Block / HF ViTLayer / CLIP or SigLIP encoder layers"
             )
         if layer == 0 and hasattr(method, "start"):  # a method that looks at the embedded tokens first (GTP)
             block.register_forward_pre_hook(lambda module, args: method.start(args[0], state.prefix))
